@@ -1,0 +1,119 @@
+"""Plain data that leaves the kernel-facing layer: what the probes hand to the daemon.
+
+Nothing here imports bcc. Enum values are shared with the BPF C through generated #defines
+(see probes/defines.py), so C and Python cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ProbeKind(enum.StrEnum):
+    """How accepts are hooked. Tried in this order by --probe auto."""
+
+    FEXIT = "fexit"  # fexit on inet_csk_accept: BTF-typed, cheapest, sees the listener argument
+    KRETPROBE = "kretprobe"  # kretprobe on inet_csk_accept: needs CONFIG_KPROBES
+    TRACEPOINT = "tracepoint"  # syscalls:sys_exit_accept{,4}: works everywhere tracepoints do
+
+
+PROBE_ORDER: tuple[ProbeKind, ...] = (ProbeKind.FEXIT, ProbeKind.KRETPROBE, ProbeKind.TRACEPOINT)
+
+
+class EventSource(enum.IntEnum):
+    """Which hook produced one accept record (an event's `source`)."""
+
+    FEXIT = 1
+    KRETPROBE = 2
+    SYSCALL_EXIT = 3  # the accept syscall's exit tracepoint (primary path, or backstop for the others)
+
+
+class Counter(enum.IntEnum):
+    """Slots of the BPF `diag` array: every way a record can be lost or degraded is counted."""
+
+    EVENTS_LOST = 0  # ring buffer full: a per-connection event was not delivered (counters still exact)
+    STATS_MAP_FULL = 1  # worker stats map full: an accept could not be counted (a real loss)
+    HIST_MAP_FULL = 2  # queue-wait histogram map full: a wait sample was dropped
+    FD_WALK_FAILED = 3  # accept returned an fd we could not resolve to a socket (a real loss)
+    LISTENER_UNKNOWN = 4  # accept without a seen sys_enter (e.g. blocked before attach): no queue depth
+    WAIT_UNKNOWN = 5  # accepted socket whose SYN_RECV->ESTABLISHED we did not see: no queue wait
+    NON_INET = 6  # accept of a non-IPv4/IPv6 socket by a tracked process (ignored, e.g. unix sockets)
+    BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them
+    TRACKED_MAP_FULL = 8  # a forked child could not be added to the tracked set
+    TRANSITIONS_MAP_FULL = 9  # the accept-sequence transition map was full
+    LOST_TOTAL_SLOTS = 10  # number of slots (keep last)
+
+
+# Counters that mean a connection was not attributed at all (exactness is broken if > 0).
+LOSS_COUNTERS: tuple[Counter, ...] = (Counter.STATS_MAP_FULL, Counter.FD_WALK_FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCounters:
+    """Exact in-kernel counters for one (worker process, listening port)."""
+
+    pid: int
+    port: int
+    accepts: int
+    first_ns: int  # CLOCK_MONOTONIC ns of the first accept seen
+    last_ns: int
+    wait_count: int  # accepts with a known queue wait
+    wait_sum_ns: int
+    wait_max_ns: int
+    backstop_accepts: int = 0  # of `accepts`, how many the syscall-exit backstop counted
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerCounters:
+    """One listening socket (by inode), as seen at accept time."""
+
+    inode: int
+    port: int
+    accepts: int
+    depth_last: int  # sk_ack_backlog right after the last accept
+    depth_max: int  # highest sk_ack_backlog seen at an accept since the last read (reset on read)
+    backlog_limit: int  # sk_max_ack_backlog
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSnapshot:
+    """One periodic read of the BPF maps."""
+
+    taken_ns: int  # CLOCK_MONOTONIC ns when read
+    workers: tuple[WorkerCounters, ...]
+    # (pid, port) -> {bucket index -> count}; bucket scheme in probes/histogram.py
+    wait_hist: dict[tuple[int, int], dict[int, int]]
+    listeners: tuple[ListenerCounters, ...]
+    # (port, previous pid, pid) -> count: which worker's accept followed which, per port
+    transitions: dict[tuple[int, int, int], int]
+    diag: dict[Counter, int]
+
+    @property
+    def lost_events(self) -> int:
+        return self.diag.get(Counter.EVENTS_LOST, 0)
+
+    @property
+    def unattributed(self) -> int:
+        return sum(self.diag.get(c, 0) for c in LOSS_COUNTERS)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptEvent:
+    """One accepted connection (only with the per-connection stream on, e.g. --events)."""
+
+    ts_ns: int  # CLOCK_MONOTONIC ns at accept return
+    pid: int
+    tid: int
+    comm: str
+    family: int  # socket.AF_INET or socket.AF_INET6
+    local_addr: str
+    local_port: int
+    peer_addr: str
+    peer_port: int
+    queue_wait_ns: int | None  # None when the SYN_RECV->ESTABLISHED transition was not seen
+    backlog: int | None  # listener queue depth after this accept; None when the listener is unknown
+    backlog_limit: int | None
+    listener_inode: int | None
+    source: EventSource
+    extra: dict[str, object] = field(default_factory=dict)

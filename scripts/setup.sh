@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up for a fresh Debian 12 VM (run as root): everything `make demo`,
+# `make test` and `make bench` need. Each step says what it does; nothing is downloaded except
+# Debian and PyPI packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (BCC needs root to load eBPF programs; apt-get installs packages)"
+
+# --- Debian packages ---------------------------------------------------------------------------
+# python3-bpfcc: BCC's Python bindings (the PyPI "bcc" is an unrelated project).
+# bpftool: lists loaded programs (tests check nothing of ours stays attached).
+# nginx-light, wrk, bpftrace: the benchmark's server, load generator and ad-hoc comparison.
+# chromium: the dashboard's browser tests (Debian's build; no tool downloads its own browser).
+PKGS=(python3-bpfcc bpftool python3-venv nginx-light wrk bpftrace chromium chromium-driver procps iproute2)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's nginx package starts a server on :80 at install; we run our own instances.
+systemctl disable --now nginx >/dev/null 2>&1 || true
+
+# --- Kernel headers for BCC's run-time compiler ------------------------------------------------
+# BCC compiles the BPF C at run time against kernel headers. Our programs read every kernel struct
+# through offsets taken from the running kernel's BTF, so headers only need to compile, not match.
+KREL=$(uname -r)
+BUILD=/lib/modules/$KREL/build
+if [ ! -e "$BUILD/include/linux/kconfig.h" ] && [ ! -e "$BUILD/include/generated/autoconf.h" ]; then
+  if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+    say "installing linux-headers-$KREL"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "linux-headers-$KREL" >/dev/null
+  else
+    say "no linux-headers-$KREL package for this kernel: using Debian's generic headers (struct offsets come from BTF, not from these)"
+    dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "install ok installed" || {
+      apt-get update -q >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-headers-amd64 >/dev/null
+    }
+    generic=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$generic" ] || die "linux-headers-amd64 installed no /usr/src/linux-headers-*-amd64"
+    mkdir -p "/lib/modules/$KREL"
+    ln -sfn "$generic" "/lib/modules/$KREL/build"
+    ln -sfn "$generic" "/lib/modules/$KREL/source"
+    say "linked /lib/modules/$KREL/build -> $generic"
+  fi
+fi
+
+# --- tracefs / debugfs ---------------------------------------------------------------------------
+# BCC reads tracepoint formats from tracefs; a fresh VM mounts neither.
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
+
+# --- Python virtual environment ------------------------------------------------------------------
+# Debian's interpreter, so that Debian's bcc (pure Python over libbcc) matches it.
+PY=/usr/bin/python3
+[ -x "$PY" ] || die "$PY not found (Debian's python3)"
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# Make only Debian's bcc importable (not all of dist-packages).
+ln -sfn /usr/lib/python3/dist-packages/bcc "$SITE/bcc"
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  say "installing accept-watch and its test dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+.venv/bin/python -c 'import bcc, accept_watch.daemon' || die "accept_watch or bcc not importable in .venv"
+say "ready"
