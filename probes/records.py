@@ -42,7 +42,9 @@ class Counter(enum.IntEnum):
     BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them
     TRACKED_MAP_FULL = 8  # a forked child could not be added to the tracked set
     TRANSITIONS_MAP_FULL = 9  # the accept-sequence transition map was full
-    LOST_TOTAL_SLOTS = 10  # number of slots (keep last)
+
+
+DIAG_SLOTS = len(Counter)
 
 
 # Counters that mean a connection was not attributed at all (exactness is broken if > 0).
@@ -72,7 +74,7 @@ class ListenerCounters:
     port: int
     accepts: int
     depth_last: int  # sk_ack_backlog right after the last accept
-    depth_max: int  # highest sk_ack_backlog seen at an accept since the last read (reset on read)
+    depth_max: int  # highest sk_ack_backlog seen at an accept since attach
     backlog_limit: int  # sk_max_ack_backlog
 
 

@@ -33,7 +33,7 @@ systemctl disable --now nginx >/dev/null 2>&1 || true
 # through offsets taken from the running kernel's BTF, so headers only need to compile, not match.
 KREL=$(uname -r)
 BUILD=/lib/modules/$KREL/build
-if [ ! -e "$BUILD/include/linux/kconfig.h" ] && [ ! -e "$BUILD/include/generated/autoconf.h" ]; then
+if [ ! -e "$BUILD/include/generated/autoconf.h" ] || [ ! -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; then
   if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
     say "installing linux-headers-$KREL"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "linux-headers-$KREL" >/dev/null
@@ -43,12 +43,16 @@ if [ ! -e "$BUILD/include/linux/kconfig.h" ] && [ ! -e "$BUILD/include/generated
       apt-get update -q >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-headers-amd64 >/dev/null
     }
+    # Debian splits headers: the arch part (generated config) and the common part (sources),
+    # as its own kernels link them from build/ and source/.
     generic=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
     [ -n "$generic" ] || die "linux-headers-amd64 installed no /usr/src/linux-headers-*-amd64"
+    common=${generic%-amd64}-common
+    [ -d "$common" ] || die "$common is missing (expected beside $generic)"
     mkdir -p "/lib/modules/$KREL"
     ln -sfn "$generic" "/lib/modules/$KREL/build"
-    ln -sfn "$generic" "/lib/modules/$KREL/source"
-    say "linked /lib/modules/$KREL/build -> $generic"
+    ln -sfn "$common" "/lib/modules/$KREL/source"
+    say "linked /lib/modules/$KREL/build -> $generic, source -> $common"
   fi
 fi
 

@@ -1,0 +1,252 @@
+"""The running daemon: checks, attach, the read loop, outputs, clean shutdown.
+
+Order matters: everything that can be refused (arguments, export paths, the pid, privileges, BTF,
+listening sockets) is checked before a single probe is attached, so bad input never leaves
+anything behind; once attached, SIGINT/SIGTERM detach, flush the export and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+from accept_watch.probes import environment
+from accept_watch.probes.records import AcceptEvent, KernelSnapshot, ProbeKind
+
+from . import discovery, export, terminal
+from .stats import Aggregator
+
+EXPORT_EVERY_S = 5.0
+REFRESH_EVERY_S = 2.0
+WAIT_MODE_EVERY_S = 10.0
+
+
+class WatchError(Exception):
+    """One-line reason to stop before or while attaching."""
+
+
+def _err(message: str) -> int:
+    print(f"accept-watch: error: {message}", file=sys.stderr)
+    return 1
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    from accept_watch.probes.btf import BtfError
+    from accept_watch.probes.kernel import ProbeError
+
+    try:
+        return _run(args)
+    except (WatchError, discovery.DiscoveryError, export.ExportError, environment.EnvironmentProblem,
+            ProbeError, BtfError) as exc:
+        return _err(str(exc))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for path in (args.export, args.events):
+        if path is not None:
+            export.check_writable(path)
+
+
+def _select_ports(topology: discovery.Topology, wanted: list[int] | None) -> list[int]:
+    ports = sorted({lst.port for lst in topology.listeners})
+    if not wanted:
+        return ports
+    missing = sorted(set(wanted) - set(ports))
+    if missing:
+        raise WatchError(
+            f"pid {topology.master_pid} does not listen on port {', '.join(map(str, missing))} "
+            f"(it listens on {', '.join(map(str, ports))})"
+        )
+    return sorted(set(wanted))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.offsets import load_layout
+
+    if not psutil.pid_exists(args.pid):
+        raise WatchError(f"no process with pid {args.pid}")
+    _check_outputs(args)
+    if args.print_bpf:
+        environment.require_btf()
+        print(AcceptProbes(load_layout(str(environment.BTF_PATH))).program)
+        return 0
+    environment.require_privileges()
+    environment.require_btf()
+    topology = discovery.discover(args.pid)
+    ports = _select_ports(topology, args.port)
+    environment.ensure_tracing_mounts()
+    layout = load_layout(str(environment.BTF_PATH))
+
+    want_events = args.events is not None or args.stream
+    probe = None if args.probe == "auto" else ProbeKind(args.probe)
+    with AcceptProbes(layout, emit_events=want_events) as probes:
+        result = probes.attach(probe, topology.processes.keys(), ports)
+        failed = [f"{a.kind}: {a.error}" for a in result.attempts if not a.ok]
+        print(f"accept-watch: probe {result.kind} ({result.detail}); compiled in {result.compile_s:.2f} s, "
+              f"attached in {result.attach_s:.2f} s", file=sys.stderr)
+        for line in failed:
+            print(f"accept-watch: not used: {line}", file=sys.stderr)
+        if args.dry_run:
+            print(f"accept-watch: dry run OK: probe {result.kind}, {len(topology.processes)} processes, "
+                  f"ports {', '.join(map(str, ports))}")
+            return 0
+        return _loop(args, probes, topology, ports, result.kind.value, result.detail)
+
+
+def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, ports: list[int],
+          probe: str, detail: str) -> int:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    aggregator = Aggregator(topology, probe=probe, probe_detail=detail, kernel=os.uname().release)
+    only = set(args.port) if args.port else None
+    _install_analysis(aggregator)
+    writer = export.EventWriter(args.events) if args.events else None
+    dashboard = None
+    try:
+        if writer is not None or args.stream:
+            def on_event(ev: AcceptEvent) -> None:
+                if only and ev.local_port not in only:
+                    return
+                aggregator.add_event(ev)
+                if writer is not None:
+                    writer.write(ev)
+
+            probes.open_events(on_event)
+        if not args.no_dashboard:
+            dashboard = _start_dashboard(args, aggregator)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        next_export = time.monotonic() + EXPORT_EVERY_S
+        next_refresh = time.monotonic() + REFRESH_EVERY_S
+        tty = sys.stdout.isatty() and not args.quiet
+        while not stop.is_set():
+            tick_end = time.monotonic() + args.interval
+            if deadline is not None:
+                tick_end = min(tick_end, deadline)
+            _wait(probes, stop, tick_end, events=writer is not None or args.stream)
+            now = time.monotonic()
+            if now >= next_refresh:
+                topology = _refresh(probes, topology, watch_new_ports=only is None)
+                next_refresh = now + REFRESH_EVERY_S
+            aggregator.update(_only_ports(probes.snapshot(), only), topology,
+                              discovery.read_listen_depths(topology.master_pid, _inodes(topology)))
+            if not args.quiet:
+                _show(aggregator.document(), tty)
+            if args.export and now >= next_export:
+                export.write_json_atomic(args.export, aggregator.document())
+                next_export = now + EXPORT_EVERY_S
+            if deadline is not None and now >= deadline:
+                break
+        # Final read after the loop so nothing counted in the last interval is lost.
+        if writer is not None or args.stream:
+            probes.poll_events(0)
+        aggregator.update(_only_ports(probes.snapshot(), only), topology,
+                          discovery.read_listen_depths(topology.master_pid, _inodes(topology)))
+        doc = aggregator.document(ended=True)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+        if writer is not None:
+            writer.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if args.export:
+        export.write_json_atomic(args.export, doc)
+    print(terminal.render(doc, width=_width(), ansi=False))
+    if args.export:
+        print(f"accept-watch: export written to {args.export}")
+    return 0
+
+
+def _wait(probes: Any, stop: threading.Event, until: float, events: bool) -> None:
+    while not stop.is_set():
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        if events:
+            probes.poll_events(int(min(left, 0.1) * 1000))
+        else:
+            stop.wait(min(left, 0.1))
+
+
+def _inodes(topology: discovery.Topology) -> list[int]:
+    return [lst.inode for lst in topology.listeners]
+
+
+def _refresh(probes: Any, topology: discovery.Topology, watch_new_ports: bool) -> discovery.Topology:
+    """Pick up respawned workers and new listeners. The kernel already follows forks; this catches
+    processes adopted in other ways and keeps names and liveness for the views."""
+    try:
+        fresh = discovery.refresh(topology)
+    except discovery.DiscoveryError:
+        return topology  # master gone: keep the last view; its workers show as exited
+    new_pids = set(fresh.processes) - set(topology.processes)
+    if new_pids:
+        probes.track(new_pids)
+    new_ports = {lst.port for lst in fresh.listeners} - {lst.port for lst in topology.listeners}
+    if new_ports and watch_new_ports:
+        probes.watch_ports(new_ports)
+    return fresh
+
+
+def _install_analysis(aggregator: Aggregator) -> None:
+    try:
+        from . import analysis
+    except ImportError:
+        return
+    aggregator.set_analysis_hook(analysis.analyze)
+
+
+def _start_dashboard(args: argparse.Namespace, aggregator: Aggregator) -> Any:
+    from accept_watch.dashboard.server import DashboardServer
+
+    host, port = args.listen
+    server = DashboardServer(aggregator, listen_host=host, port=port, token=args.token)
+    try:
+        server.start()
+    except OSError as exc:
+        raise WatchError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}") from exc
+    print(f"accept-watch: dashboard at {server.url}", file=sys.stderr)
+    return server
+
+
+def _width() -> int:
+    return shutil.get_terminal_size((100, 40)).columns
+
+
+_last_plain = 0.0
+
+
+def _show(doc: dict, tty: bool) -> None:
+    global _last_plain
+    if tty:
+        sys.stdout.write("\x1b[H\x1b[2J" + terminal.render(doc, width=_width(), ansi=True) + "\n")
+        sys.stdout.flush()
+        return
+    now = time.monotonic()
+    if now - _last_plain >= 5:
+        _last_plain = now
+        with contextlib.suppress(BrokenPipeError):
+            print(terminal.summary_line(doc), flush=True)
+
+
+def _only_ports(snapshot: KernelSnapshot, ports: set[int] | None) -> KernelSnapshot:
+    """Keep the listening ports the user asked for (--port); the kernel counts them all."""
+    if not ports:
+        return snapshot
+    return dataclasses.replace(
+        snapshot,
+        workers=tuple(w for w in snapshot.workers if w.port in ports),
+        wait_hist={k: v for k, v in snapshot.wait_hist.items() if k[1] in ports},
+        listeners=tuple(lst for lst in snapshot.listeners if lst.port in ports),
+        transitions={k: v for k, v in snapshot.transitions.items() if k[0] in ports},
+    )

@@ -1,0 +1,311 @@
+"""The one kernel-facing module: compiles probes/accept_watch.c with BCC, attaches it, reads its maps.
+
+bcc is imported lazily here and nowhere else; everything leaving this module is a plain dataclass
+from probes/records.py. Attach strategy (--probe auto): fexit, then kretprobe, then the accept
+syscall tracepoints, each tried for real (a feature flag such as BPF.support_kfunc() can say yes
+where loading still fails). The syscall tracepoints are always attached: in tracepoint mode they
+are the primary hook, otherwise the backstop for accepts the primary hook cannot see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from . import defines
+
+if TYPE_CHECKING:
+    from .offsets import KernelLayout
+from .records import (
+    PROBE_ORDER,
+    AcceptEvent,
+    Counter,
+    EventSource,
+    KernelSnapshot,
+    ListenerCounters,
+    ProbeKind,
+    WorkerCounters,
+)
+
+FEXIT_FN = b"kretfunc__inet_csk_accept"
+KRETPROBE_FN = b"kretprobe__inet_csk_accept"
+TRACEPOINT_FNS: dict[str, bytes] = {
+    "syscalls:sys_enter_accept": b"tracepoint__syscalls__sys_enter_accept",
+    "syscalls:sys_enter_accept4": b"tracepoint__syscalls__sys_enter_accept4",
+    "syscalls:sys_exit_accept": b"tracepoint__syscalls__sys_exit_accept",
+    "syscalls:sys_exit_accept4": b"tracepoint__syscalls__sys_exit_accept4",
+    "sock:inet_sock_set_state": b"tracepoint__sock__inet_sock_set_state",
+    "sched:sched_process_fork": b"tracepoint__sched__sched_process_fork",
+    "sched:sched_process_exit": b"tracepoint__sched__sched_process_exit",
+}
+# Enough kretprobe instances for every worker blocked in accept() at once; a miss would still be
+# caught by the syscall-exit backstop, but then counted as a backstop accept.
+KRETPROBE_MAXACTIVE = 4096
+
+# struct accept_event in accept_watch.c (natural alignment, no padding).
+EVENT_FORMAT = struct.Struct("<QQQIIIIHHHBB16s16s16s")
+EVF_WAIT_KNOWN = 1
+EVF_LISTENER_KNOWN = 2
+
+
+class ProbeError(Exception):
+    """A one-line reason the probes could not be compiled or attached."""
+
+
+@dataclass(frozen=True)
+class AttachAttempt:
+    kind: ProbeKind
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class AttachResult:
+    kind: ProbeKind
+    detail: str
+    attempts: list[AttachAttempt] = field(default_factory=list)
+    compile_s: float = 0.0
+    attach_s: float = 0.0
+
+
+def bpf_source() -> str:
+    return resources.files(__package__).joinpath("accept_watch.c").read_text()
+
+
+def generate_program(layout: KernelLayout) -> str:
+    """The full BPF C text: generated #defines, then the shipped program."""
+    values = defines.generated_defines(layout.defines, layout.accept_proto == "sk_arg")
+    return defines.render(values) + "\n" + bpf_source()
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc  # Debian's python3-bpfcc; scripts/setup.sh links it into .venv
+    except ImportError as exc:
+        raise ProbeError(
+            "BCC's Python module is not importable: install Debian's python3-bpfcc "
+            "(make setup links it into .venv)"
+        ) from exc
+    return bcc
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what libbcc prints on fd 2 during an attempt, to report it as the attempt's reason."""
+    out: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.extend(line for line in tmp.read().decode(errors="replace").splitlines() if line.strip())
+
+
+def _reason(exc: BaseException, noise: list[str]) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    errno_text = next((n for n in noise if "Permission denied" in n or "No such" in n), "")
+    return f"{text} ({errno_text.strip()})" if errno_text and errno_text not in text else text
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+
+
+def decode_event(data: bytes) -> AcceptEvent:
+    (ts, wait, ino, tgid, tid, backlog, limit, family, lport, rport, source, flags, laddr, raddr,
+     comm) = EVENT_FORMAT.unpack_from(data)
+    listener_known = bool(flags & EVF_LISTENER_KNOWN)
+    return AcceptEvent(
+        ts_ns=ts,
+        pid=tgid,
+        tid=tid,
+        comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+        family=family,
+        local_addr=_addr(family, laddr),
+        local_port=lport,
+        peer_addr=_addr(family, raddr),
+        peer_port=rport,
+        queue_wait_ns=wait if flags & EVF_WAIT_KNOWN else None,
+        backlog=backlog if listener_known else None,
+        backlog_limit=limit if listener_known else None,
+        listener_inode=ino if listener_known and ino else None,
+        source=EventSource(source),
+    )
+
+
+class AcceptProbes:
+    """Compile, attach, read. Use as a context manager so probes are always detached."""
+
+    def __init__(self, layout: KernelLayout, emit_events: bool = False) -> None:
+        self.layout = layout
+        self.emit_events = emit_events
+        self.program = generate_program(layout)
+        self._bpf: Any = None
+        self.result: AttachResult | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def compile(self) -> float:
+        """Compile the program (all hooks; nothing attached yet). Returns seconds taken."""
+        bcc = _import_bcc()
+
+        class _ManualAttachBPF(bcc.BPF):  # type: ignore[misc, name-defined]
+            # BCC attaches kretfunc__/kretprobe__/tracepoint__ functions as soon as the object is
+            # built and raises if one fails; we attach ourselves to fall back hook by hook.
+            def _trace_autoload(self) -> None:
+                return None
+
+        started = time.monotonic()
+        try:
+            with _captured_stderr() as noise:
+                self._bpf = _ManualAttachBPF(text=self.program.encode())
+        except Exception as exc:
+            detail = next((n for n in noise if "error:" in n), str(exc))
+            raise ProbeError(f"BPF program failed to compile: {detail}") from exc
+        return time.monotonic() - started
+
+    def attach(self, probe: ProbeKind | None, pids: Iterable[int], ports: Iterable[int]) -> AttachResult:
+        """Seed the tracked set, attach the tracepoints, then the primary hook (None = auto)."""
+        compile_s = self.compile() if self._bpf is None else 0.0
+        started = time.monotonic()
+        self.track(pids)
+        self.watch_ports(ports)
+        self._set_config(defines.ConfigSlot.EMIT_EVENTS, int(self.emit_events))
+        # Tracepoints first: from here on every accept of a tracked process is counted, whatever
+        # happens to the attempts below.
+        self._set_config(defines.ConfigSlot.PROBE_KIND, defines.PROBE_KIND_IDS[ProbeKind.TRACEPOINT])
+        for tp, fn in TRACEPOINT_FNS.items():
+            try:
+                self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn)
+            except Exception as exc:
+                self.close()
+                raise ProbeError(f"cannot attach tracepoint {tp}: {exc}") from exc
+
+        order = PROBE_ORDER if probe is None else (probe,)
+        attempts: list[AttachAttempt] = []
+        for kind in order:
+            error = self._try_primary(kind)
+            attempts.append(AttachAttempt(kind, error is None, error))
+            if error is None:
+                self._set_config(defines.ConfigSlot.PROBE_KIND, defines.PROBE_KIND_IDS[kind])
+                self.result = AttachResult(kind, self._describe(kind), attempts, compile_s,
+                                           time.monotonic() - started)
+                return self.result
+        self.close()
+        tried = "; ".join(f"{a.kind}: {a.error}" for a in attempts)
+        raise ProbeError(f"no probe could be attached ({tried})")
+
+    def _try_primary(self, kind: ProbeKind) -> str | None:
+        if kind is ProbeKind.TRACEPOINT:
+            return None  # already attached above
+        if kind is ProbeKind.FEXIT and self.layout.accept_proto == "unknown":
+            return "inet_csk_accept is not in the kernel's BTF"
+        try:
+            with _captured_stderr() as noise:
+                if kind is ProbeKind.FEXIT:
+                    self._bpf.attach_kretfunc(fn_name=FEXIT_FN)
+                else:
+                    self._bpf.attach_kretprobe(event=b"inet_csk_accept", fn_name=KRETPROBE_FN,
+                                               maxactive=KRETPROBE_MAXACTIVE)
+        except Exception as exc:
+            return _reason(exc, noise)
+        return None
+
+    def _describe(self, kind: ProbeKind) -> str:
+        if kind is ProbeKind.FEXIT:
+            return f"fexit {self.layout.accept_proto_text}; syscall-exit tracepoints as backstop"
+        if kind is ProbeKind.KRETPROBE:
+            return "kretprobe inet_csk_accept (return value only); syscall-exit tracepoints as backstop"
+        return "syscalls:sys_exit_accept/accept4 tracepoints, new fd resolved through the task's fd table"
+
+    def load_only(self, kind: ProbeKind) -> None:
+        """Verifier-load one hook's program without attaching it (tests, doctor)."""
+        bcc = _import_bcc()
+        if self._bpf is None:
+            self.compile()
+        if kind is ProbeKind.FEXIT:
+            self._bpf.load_func(FEXIT_FN, bcc.BPF.TRACING)
+        elif kind is ProbeKind.KRETPROBE:
+            self._bpf.load_func(KRETPROBE_FN, bcc.BPF.KPROBE)
+        else:
+            for fn in TRACEPOINT_FNS.values():
+                self._bpf.load_func(fn, bcc.BPF.TRACEPOINT)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            with contextlib.suppress(Exception):
+                self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> AcceptProbes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _set_config(self, slot: defines.ConfigSlot, value: int) -> None:
+        table = self._bpf["config"]
+        table[ctypes.c_int(int(slot))] = ctypes.c_uint64(value)
+
+    def track(self, pids: Iterable[int]) -> None:
+        table = self._bpf["tracked"]
+        for pid in pids:
+            table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def watch_ports(self, ports: Iterable[int]) -> None:
+        table = self._bpf["watched_ports"]
+        for port in ports:
+            table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def snapshot(self) -> KernelSnapshot:
+        b = self._bpf
+        taken = time.monotonic_ns()
+        workers = tuple(
+            WorkerCounters(
+                pid=k.tgid, port=k.port, accepts=v.accepts, first_ns=v.first_ns, last_ns=v.last_ns,
+                wait_count=v.wait_count, wait_sum_ns=v.wait_sum_ns, wait_max_ns=v.wait_max_ns,
+                backstop_accepts=v.backstop,
+            )
+            for k, v in b["worker_stats"].items()
+        )
+        hist: dict[tuple[int, int], dict[int, int]] = {}
+        for k, v in b["wait_hist"].items():
+            hist.setdefault((k.tgid, k.port), {})[k.bucket] = v.value
+        listeners = tuple(
+            ListenerCounters(inode=k.value, port=v.port, accepts=v.accepts, depth_last=v.depth_last,
+                             depth_max=v.depth_max, backlog_limit=v.backlog_limit)
+            for k, v in b["listener_stats"].items()
+        )
+        transitions = {(k.port, k.prev_tgid, k.tgid): v.value for k, v in b["transitions"].items()}
+        diag_table = b["diag"]
+        diag = {c: diag_table[ctypes.c_int(int(c))].value for c in Counter}
+        return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
+
+    def tracked_pids(self) -> set[int]:
+        return {k.value for k in self._bpf["tracked"].keys()}  # noqa: SIM118 - BCC tables
+
+    def open_events(self, callback: Callable[[AcceptEvent], None]) -> None:
+        def _on_event(_ctx: Any, data: Any, size: int) -> int:
+            callback(decode_event(ctypes.string_at(data, size)))
+            return 0
+
+        self._bpf["events"].open_ring_buffer(_on_event)
+
+    def poll_events(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)

@@ -1,0 +1,82 @@
+"""Run the real `accept-watch` CLI as a subprocess against a real server, for kernel tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCEPT_WATCH = [sys.executable, "-m", "accept_watch.daemon.cli"]
+
+
+@dataclass
+class WatchRun:
+    proc: subprocess.Popen[str]
+    export: Path
+    events: Path | None
+    stderr_path: Path
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def document(self) -> dict:
+        return json.loads(self.export.read_text())
+
+    def event_lines(self) -> list[dict]:
+        assert self.events is not None
+        return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def start_watch(pid: int, tmp: Path, *extra: str, events: bool = False, timeout: float = 60) -> WatchRun:
+    """Start accept-watch on `pid` and return once its probes are attached."""
+    export = tmp / "export.json"
+    ev_path = tmp / "events.ndjson" if events else None
+    stderr_path = tmp / "accept-watch.stderr"
+    cmd = [*ACCEPT_WATCH, "--pid", str(pid), "--export", str(export), "--no-dashboard", "--quiet", *extra]
+    if ev_path is not None:
+        cmd += ["--events", str(ev_path)]
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run = WatchRun(proc, export, ev_path, stderr_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "attached in" in run.stderr():
+            return run
+        if proc.poll() is not None:
+            raise AssertionError(f"accept-watch exited {proc.returncode}: {run.stderr()}")
+        time.sleep(0.05)
+    run.stop(signal.SIGKILL)
+    raise AssertionError(f"accept-watch did not attach within {timeout}s: {run.stderr()}")
+
+
+def run_cli(*args: str, timeout: float = 60, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [*ACCEPT_WATCH, *args]
+    if user is not None:
+        # Drop root for the privilege check: setpriv (util-linux) clears every capability.
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+               "--inh-caps=-all", "--bounding-set=-all", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def our_bpf_program_ids() -> set[int]:
+    """Ids of loaded BPF programs whose names are ours (BCC names programs after their function)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
+    prefixes = ("tracepoint__sys", "tracepoint__soc", "tracepoint__sch", "kretprobe__inet", "kretfunc__inet")
+    return {p["id"] for p in json.loads(out.stdout) if str(p.get("name", "")).startswith(prefixes)}
