@@ -17,6 +17,9 @@
 #define AW_IPPROTO_TCP 6
 #define AW_TCP_ESTABLISHED 1
 #define AW_TCP_SYN_RECV 3
+#define AW_TCP_FIN_WAIT1 4
+#define AW_TCP_CLOSE 7
+#define AW_TCP_LAST_ACK 9
 
 struct worker_key {
     u32 tgid;
@@ -32,6 +35,20 @@ struct worker_val {
     u64 wait_sum_ns;
     u64 wait_max_ns;
     u64 backstop;   // accepts counted by the syscall-exit backstop in fexit/kretprobe mode
+    // Hidden in-worker queueing: connections accepted and not yet closed by this worker.
+    s64 inflight;
+    u64 inflight_max;
+    u64 busy_accepts;  // accepts made while the worker already held >= 1 open connection
+    u64 closed;
+    u64 life_sum_ns;   // accept -> close
+    u64 life_max_ns;
+};
+
+struct open_conn {
+    u32 tgid;
+    u16 port;
+    u16 pad;
+    u64 accepted_ns;
 };
 
 struct hist_key {
@@ -95,6 +112,8 @@ BPF_HASH(watched_ports, u16, u8, MAX_LISTENERS);
 BPF_TABLE("lru_hash", u64, u64, queued_since, MAX_QUEUED_SOCKS);
 // Sockets counted by fexit/kretprobe, so that the syscall-exit backstop skips them.
 BPF_TABLE("lru_hash", u64, u8, counted_socks, MAX_QUEUED_SOCKS);
+// Accepted sockets not yet closed by their worker (in-flight), for accept->close times.
+BPF_TABLE("lru_hash", u64, struct open_conn, open_conns, MAX_OPEN_CONNS);
 BPF_ARRAY(diag, u64, DIAG_SLOTS);
 BPF_ARRAY(config, u64, CFG_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -209,6 +228,14 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
     val->last_ns = now;
     if (backstop)
         __sync_fetch_and_add(&val->backstop, 1);
+    s64 held = __sync_fetch_and_add(&val->inflight, 1);
+    if (held > 0) {
+        __sync_fetch_and_add(&val->busy_accepts, 1);
+        if ((u64)held + 1 > val->inflight_max)
+            val->inflight_max = held + 1;
+    } else if (val->inflight_max == 0) {
+        val->inflight_max = 1;
+    }
     if (!wait_known)
         return;
     __sync_fetch_and_add(&val->wait_count, 1);
@@ -288,6 +315,8 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
     if (backstop)
         diag_inc(DIAG_BACKSTOP_ACCEPTS);
     count_worker(tgid, lport, now, wait_ns, wait_known, backstop);
+    struct open_conn oc = {.tgid = tgid, .port = lport, .accepted_ns = now};
+    open_conns.update(&sk, &oc);
     count_transition(tgid, lport);
 
     u32 depth = 0, limit = 0;
@@ -415,14 +444,40 @@ TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { on_accept_enter(args->fd); retur
 TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accept_exit(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept_exit(args->ret); return 0; }
 
-// --- Accept-queue entry time ----------------------------------------------------------------
+// --- Accept-queue entry time, and when workers are done with connections --------------------
 // Why: a child socket moves SYN_RECV -> ESTABLISHED when the handshake's last ACK arrives,
 // which is the moment it is put on the listener's accept queue. Keyed by the child sock, the
 // same pointer accept returns, so accept time minus this is the time spent in the queue.
+// The worker is done with an accepted connection when it closes or shuts it down
+// (ESTABLISHED/CLOSE_WAIT -> FIN_WAIT1/LAST_ACK) or the connection dies (-> CLOSE).
+static __always_inline void on_conn_done(u64 sk)
+{
+    struct open_conn *oc = open_conns.lookup(&sk);
+    if (!oc)
+        return;
+    struct worker_key key = {.tgid = oc->tgid, .port = oc->port};
+    u64 life = bpf_ktime_get_ns() - oc->accepted_ns;
+    open_conns.delete(&sk);
+    struct worker_val *val = worker_stats.lookup(&key);
+    if (!val)
+        return;
+    __sync_fetch_and_add(&val->inflight, -1);
+    __sync_fetch_and_add(&val->closed, 1);
+    __sync_fetch_and_add(&val->life_sum_ns, life);
+    if (life > val->life_max_ns)
+        val->life_max_ns = life;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-    if (args->protocol != AW_IPPROTO_TCP || args->oldstate != AW_TCP_SYN_RECV ||
-        args->newstate != AW_TCP_ESTABLISHED)
+    if (args->protocol != AW_IPPROTO_TCP)
+        return 0;
+    int newstate = args->newstate;
+    if (newstate == AW_TCP_FIN_WAIT1 || newstate == AW_TCP_LAST_ACK || newstate == AW_TCP_CLOSE) {
+        on_conn_done((u64)args->skaddr);
+        return 0;
+    }
+    if (args->oldstate != AW_TCP_SYN_RECV || newstate != AW_TCP_ESTABLISHED)
         return 0;
     u16 sport = args->sport;
     if (!watched_ports.lookup(&sport))

@@ -280,7 +280,9 @@ class AcceptProbes:
             WorkerCounters(
                 pid=k.tgid, port=k.port, accepts=v.accepts, first_ns=v.first_ns, last_ns=v.last_ns,
                 wait_count=v.wait_count, wait_sum_ns=v.wait_sum_ns, wait_max_ns=v.wait_max_ns,
-                backstop_accepts=v.backstop,
+                backstop_accepts=v.backstop, inflight=max(0, v.inflight), inflight_max=v.inflight_max,
+                busy_accepts=v.busy_accepts, closed=v.closed, life_sum_ns=v.life_sum_ns,
+                life_max_ns=v.life_max_ns,
             )
             for k, v in b["worker_stats"].items()
         )

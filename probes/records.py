@@ -64,6 +64,12 @@ class WorkerCounters:
     wait_sum_ns: int
     wait_max_ns: int
     backstop_accepts: int = 0  # of `accepts`, how many the syscall-exit backstop counted
+    inflight: int = 0  # accepted, not yet closed by the worker
+    inflight_max: int = 0
+    busy_accepts: int = 0  # accepts made while already holding an open connection
+    closed: int = 0
+    life_sum_ns: int = 0  # accept -> close, summed over `closed`
+    life_max_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
