@@ -1,0 +1,116 @@
+"""Pydantic models of the accept-watch/1 document, used to document the HTTP API (OpenAPI).
+
+The dashboard never validates what the daemon hands it on the hot path: these models describe the
+contract (tests validate documents against them, and schemathesis checks responses against the
+generated schema). Every model allows extra keys so the daemon can add fields without breaking clients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_ID = "accept-watch/1"
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class QueueDepth(_Open):
+    current: int = Field(description="listener accept-queue length after the latest accept")
+    max: int = Field(description="highest accept-queue length seen since attach")
+    limit: int = Field(description="the listener's backlog limit (sk_max_ack_backlog)")
+
+
+class Listener(_Open):
+    address: str
+    port: int
+    family: Literal["ipv4", "ipv6"]
+    inode: int
+    mode: Literal["shared", "reuseport", "single"]
+    pids: list[int] = Field(description="processes holding this listening socket")
+    accepts: int
+    queue_depth: QueueDepth
+    depth_history: list[tuple[float, int]] = Field(description="[seconds since start, depth], last 300")
+
+
+class Rates(_Open):
+    r1s: float = Field(alias="1s", description="accepts/s over the last second")
+    r10s: float = Field(alias="10s", description="accepts/s over the last 10 s")
+    r60s: float = Field(alias="60s", description="accepts/s over the last 60 s")
+
+
+class QueueWait(_Open):
+    """Time between the handshake completing and accept() returning, in microseconds."""
+
+    p50: float | None
+    p99: float | None
+    max: float | None
+    mean: float | None
+    count: int
+
+
+class Worker(_Open):
+    pid: int
+    ppid: int | None
+    cmdline: str
+    role: Literal["worker", "master"]
+    accepts: int
+    share: float = Field(ge=0, le=1, description="accepts / total_accepts (0 when total is 0)")
+    alive: bool
+    first_seen: str | None
+    last_seen: str | None
+    rate: Rates
+    queue_wait_us: QueueWait
+    queue_wait_hist: list[tuple[int, int, int]] = Field(
+        description="[low_ns, high_ns, count] for non-empty buckets of the log-linear histogram"
+    )
+
+
+class Transition(_Open):
+    port: int
+    from_: int = Field(alias="from", description="pid whose accept came before")
+    to: int = Field(description="pid whose accept followed")
+    count: int
+
+
+class StreamedSnapshot(_Open):
+    """The document as pushed on /api/stream: everything but `transitions` (the page does not use them)."""
+
+    schema_: Literal["accept-watch/1"] = Field(alias="schema")
+    tool_version: str
+    master_pid: int
+    master_cmdline: str
+    probe: Literal["tracepoint", "kretprobe", "fexit"]
+    probe_detail: str
+    kernel: str
+    started_at: str
+    updated_at: str
+    ended_at: str | None
+    duration_s: float
+    total_accepts: int = Field(description="sum of worker accepts")
+    lost_events: int = Field(description="per-connection stream records lost; counters stay exact")
+    unattributed: int = Field(description="accepts that could not be counted at all (0 when exact)")
+    diagnostics: dict[str, int]
+    listeners: list[Listener]
+    workers: list[Worker]
+    rate_history: list[tuple[float, dict[str, int]]] = Field(
+        description="[seconds since start, {pid: accepts in that second}], last 300 s"
+    )
+    analysis: dict[str, Any]
+
+
+class Snapshot(StreamedSnapshot):
+    """The accept-watch/1 document (export, /api/snapshot)."""
+
+    transitions: list[Transition] = Field(description="which worker's accept followed which, per port")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorDetail(BaseModel):
+    detail: str
