@@ -22,7 +22,7 @@ import psutil
 from accept_watch.probes import environment
 from accept_watch.probes.records import AcceptEvent, KernelSnapshot, ProbeKind
 
-from . import discovery, export, terminal
+from . import analysis, discovery, export, terminal, waitmode
 from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
@@ -89,8 +89,12 @@ def _run(args: argparse.Namespace) -> int:
 
     want_events = args.events is not None or args.stream
     probe = None if args.probe == "auto" else ProbeKind(args.probe)
+    # The aggregator's clock starts before the probes count anything, so the first interval's rate
+    # covers exactly the time the probes were attached.
+    aggregator = Aggregator(topology, probe="pending", probe_detail="", kernel=os.uname().release)
     with AcceptProbes(layout, emit_events=want_events) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
+        aggregator.probe, aggregator.probe_detail = result.kind.value, result.detail
         failed = [f"{a.kind}: {a.error}" for a in result.attempts if not a.ok]
         print(f"accept-watch: probe {result.kind} ({result.detail}); compiled in {result.compile_s:.2f} s, "
               f"attached in {result.attach_s:.2f} s", file=sys.stderr)
@@ -100,17 +104,16 @@ def _run(args: argparse.Namespace) -> int:
             print(f"accept-watch: dry run OK: probe {result.kind}, {len(topology.processes)} processes, "
                   f"ports {', '.join(map(str, ports))}")
             return 0
-        return _loop(args, probes, topology, ports, result.kind.value, result.detail)
+        return _loop(args, probes, topology, aggregator)
 
 
-def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, ports: list[int],
-          probe: str, detail: str) -> int:
+def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    aggregator = Aggregator(topology, probe=probe, probe_detail=detail, kernel=os.uname().release)
     only = set(args.port) if args.port else None
-    _install_analysis(aggregator)
-    writer = export.EventWriter(args.events) if args.events else None
+    wait_modes = WaitModes(topology)
+    aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
+    writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
     dashboard = None
     try:
         if writer is not None or args.stream:
@@ -137,8 +140,12 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, p
             if now >= next_refresh:
                 topology = _refresh(probes, topology, watch_new_ports=only is None)
                 next_refresh = now + REFRESH_EVERY_S
-            aggregator.update(_only_ports(probes.snapshot(), only), topology,
-                              discovery.read_listen_depths(topology.master_pid, _inodes(topology)))
+            depths = _depths(topology)
+            aggregator.update(_only_ports(probes.snapshot(), only), topology, depths or {})
+            if depths is None:
+                print(f"accept-watch: master {topology.master_pid} exited; stopping", file=sys.stderr)
+                break
+            wait_modes.maybe_sample(topology)
             if not args.quiet:
                 _show(aggregator.document(), tty)
             if args.export and now >= next_export:
@@ -149,8 +156,7 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, p
         # Final read after the loop so nothing counted in the last interval is lost.
         if writer is not None or args.stream:
             probes.poll_events(0)
-        aggregator.update(_only_ports(probes.snapshot(), only), topology,
-                          discovery.read_listen_depths(topology.master_pid, _inodes(topology)))
+        aggregator.update(_only_ports(probes.snapshot(), only), topology, _depths(topology) or {})
         doc = aggregator.document(ended=True)
     finally:
         if dashboard is not None:
@@ -182,6 +188,36 @@ def _inodes(topology: discovery.Topology) -> list[int]:
     return [lst.inode for lst in topology.listeners]
 
 
+def _depths(topology: discovery.Topology) -> dict[int, int] | None:
+    """Current accept-queue lengths; None once the master is gone."""
+    try:
+        return discovery.read_listen_depths(topology.master_pid, _inodes(topology))
+    except discovery.DiscoveryError:
+        return None
+
+
+class WaitModes:
+    """How each worker waits for connections (blocking accept, epoll, ...), sampled from /proc every
+    WAIT_MODE_EVERY_S: it changes only when the server's code does, and sampling costs ~80 ms."""
+
+    def __init__(self, topology: discovery.Topology) -> None:
+        self._modes: dict[int, waitmode.WaitMode] = {}
+        self._next = 0.0
+        self.maybe_sample(topology)
+
+    def maybe_sample(self, topology: discovery.Topology) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + WAIT_MODE_EVERY_S
+        inodes = set(_inodes(topology))
+        found = waitmode.detect_wait_modes(list(topology.processes), inodes)
+        self._modes = dict(found)
+
+    def current(self) -> dict[int, waitmode.WaitMode]:
+        return dict(self._modes)
+
+
 def _refresh(probes: Any, topology: discovery.Topology, watch_new_ports: bool) -> discovery.Topology:
     """Pick up respawned workers and new listeners. The kernel already follows forks; this catches
     processes adopted in other ways and keeps names and liveness for the views."""
@@ -196,14 +232,6 @@ def _refresh(probes: Any, topology: discovery.Topology, watch_new_ports: bool) -
     if new_ports and watch_new_ports:
         probes.watch_ports(new_ports)
     return fresh
-
-
-def _install_analysis(aggregator: Aggregator) -> None:
-    try:
-        from . import analysis
-    except ImportError:
-        return
-    aggregator.set_analysis_hook(analysis.analyze)
 
 
 def _start_dashboard(args: argparse.Namespace, aggregator: Aggregator) -> Any:

@@ -115,9 +115,17 @@ def _captured_stderr() -> Iterator[list[str]]:
 
 
 def _reason(exc: BaseException, noise: list[str]) -> str:
+    """BCC's exception text plus what the kernel said (libbcc prints the errno on stderr).
+
+    BCC turns EPERM into "Need super-user privileges" even for root; the kernel's own word
+    ("Operation not permitted") is the useful part, e.g. fentry refused under lockdown."""
     text = str(exc).strip() or type(exc).__name__
-    errno_text = next((n for n in noise if "Permission denied" in n or "No such" in n), "")
-    return f"{text} ({errno_text.strip()})" if errno_text and errno_text not in text else text
+    kernel_said = [n.strip() for n in noise if "bpf:" in n or "open(" in n or "not permitted" in n]
+    if "super-user" in text and os.geteuid() == 0:
+        text = "the kernel refused to load the program although we are root"
+    if kernel_said and kernel_said[0] not in text:
+        text = f"{text} ({kernel_said[0]})"
+    return text
 
 
 def _addr(family: int, raw: bytes) -> str:

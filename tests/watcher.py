@@ -69,7 +69,7 @@ def run_cli(*args: str, timeout: float = 60, user: str | None = None) -> subproc
     cmd = [*ACCEPT_WATCH, *args]
     if user is not None:
         # Drop root for the privilege check: setpriv (util-linux) clears every capability.
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",  # numeric ids
                "--inh-caps=-all", "--bounding-set=-all", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})

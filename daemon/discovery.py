@@ -1,0 +1,273 @@
+"""Find a pre-fork server's processes and the listening TCP sockets they share.
+
+Sockets are matched by inode: every process's /proc/PID/fd symlinks name 'socket:[inode]', and the
+LISTEN rows of /proc/<master>/net/tcp{,6} (the server's own network namespace) give each listening
+inode its address, port and current accept-queue length. psutil cannot do this on its own: its
+connection list does not expose inodes, so it cannot tell one inherited socket from a SO_REUSEPORT
+group of separate sockets on the same port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psutil
+
+TCP_LISTEN = 0x0A  # include/net/tcp_states.h
+
+
+class DiscoveryError(Exception):
+    """One-line reason why the server could not be inspected."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    ppid: int
+    cmdline: str
+    create_time: float  # psutil's create_time (seconds since the epoch): tells a reused pid apart
+    role: str  # "master" | "worker"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    inode: int
+    family: str  # "ipv4" | "ipv6"
+    address: str
+    port: int
+    pids: list[int]  # sorted: every discovered process holding this socket
+    mode: str  # "shared" | "reuseport" | "single"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    master_pid: int
+    master_cmdline: str
+    processes: dict[int, ProcessInfo]  # master and all its descendants
+    listeners: list[Listener]  # sorted by (port, address, inode)
+
+    @property
+    def ports(self) -> list[int]:
+        return sorted({lst.port for lst in self.listeners})
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return sorted(p for p, info in self.processes.items() if info.role == "worker")
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRow:
+    """One row of /proc/PID/net/tcp or tcp6."""
+
+    family: str
+    address: str
+    port: int
+    state: int
+    rx_queue: int  # for LISTEN rows: sk_ack_backlog, the accept-queue length
+    inode: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# /proc/net/tcp parsing
+# ---------------------------------------------------------------------------------------------------
+def decode_address(hex_addr: str) -> str:
+    """Address column of /proc/net/tcp{,6}: 8 or 32 hex digits.
+
+    The kernel prints the address as 32-bit words with %08X, i.e. each word's network-order bytes read
+    as a host-order integer, so on little-endian hosts every word appears byte-reversed.
+    """
+    if len(hex_addr) not in (8, 32):
+        raise ValueError(f"bad /proc/net/tcp address {hex_addr!r}")
+    words = (hex_addr[i : i + 8] for i in range(0, len(hex_addr), 8))
+    raw = b"".join(int(w, 16).to_bytes(4, sys.byteorder) for w in words)
+    # inet_ntop, not ipaddress: it renders IPv4-mapped addresses as ::ffff:127.0.0.1, like ss does.
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def parse_proc_net_tcp(text: str, family: str) -> list[TcpRow]:
+    """All rows of one /proc/PID/net/tcp (family "ipv4") or tcp6 ("ipv6") file."""
+    rows: list[TcpRow] = []
+    for n, line in enumerate(text.splitlines()):
+        fields = line.split()
+        if n == 0 or not fields:  # header
+            continue
+        if len(fields) < 10:
+            raise ValueError(f"short /proc/net/tcp line: {line.strip()!r}")
+        addr, port = fields[1].split(":")
+        _tx, rx = fields[4].split(":")
+        rows.append(
+            TcpRow(
+                family=family,
+                address=decode_address(addr),
+                port=int(port, 16),
+                state=int(fields[3], 16),
+                rx_queue=int(rx, 16),
+                inode=int(fields[9]),
+            )
+        )
+    return rows
+
+
+def _read_listen_rows(pid: int) -> list[TcpRow]:
+    rows: list[TcpRow] = []
+    for name, family in (("tcp", "ipv4"), ("tcp6", "ipv6")):
+        path = f"/proc/{pid}/net/{name}"
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise DiscoveryError(f"no process with pid {pid}") from None
+            continue  # tcp6 is absent when IPv6 is disabled
+        except PermissionError:
+            raise DiscoveryError(f"access denied reading {path} (run as root)") from None
+        except ProcessLookupError:
+            raise DiscoveryError(f"no process with pid {pid}") from None
+        rows.extend(r for r in parse_proc_net_tcp(text, family) if r.state == TCP_LISTEN)
+    return rows
+
+
+def read_listen_depths(pid: int, inodes: Iterable[int]) -> dict[int, int]:
+    """Current accept-queue length of each listening socket, read in pid's network namespace.
+
+    Inodes that are no longer listening are absent from the result (not reported as 0).
+    Raises DiscoveryError when pid no longer exists.
+    """
+    wanted = set(inodes)
+    return {r.inode: r.rx_queue for r in _read_listen_rows(pid) if r.inode in wanted}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------------
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets in pid's fd table (empty if the process exited meanwhile)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+    except PermissionError:
+        raise DiscoveryError(f"access denied reading {fd_dir} (run as root)") from None
+    out: set[int] = set()
+    for name in names:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # fd closed (or process gone) while we were listing
+        except PermissionError:
+            raise DiscoveryError(f"access denied reading {fd_dir} (run as root)") from None
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        parts = proc.cmdline()
+    except psutil.ZombieProcess:
+        parts = []
+    return " ".join(parts) if parts else f"[{proc.name()}]"
+
+
+def _info(proc: psutil.Process, role: str) -> ProcessInfo:
+    with proc.oneshot():
+        return ProcessInfo(
+            pid=proc.pid, ppid=proc.ppid(), cmdline=_cmdline(proc), create_time=proc.create_time(), role=role
+        )
+
+
+def lookup_process(pid: int) -> ProcessInfo | None:
+    """A process not found by discovery (e.g. forked between refreshes); None if it is gone."""
+    try:
+        return _info(psutil.Process(pid), "worker")
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        raise DiscoveryError(f"access denied to pid {pid} (run as root)") from None
+
+
+def _processes(master_pid: int) -> dict[int, ProcessInfo]:
+    try:
+        master = psutil.Process(master_pid)
+        if master.status() == psutil.STATUS_ZOMBIE:
+            raise DiscoveryError(f"pid {master_pid} has exited (a zombie not yet reaped by its parent)")
+        procs = {master_pid: _info(master, "master")}
+        children = master.children(recursive=True)
+    except psutil.NoSuchProcess:
+        raise DiscoveryError(f"no process with pid {master_pid}") from None
+    except psutil.AccessDenied:
+        raise DiscoveryError(f"access denied to pid {master_pid} (run as root)") from None
+    for child in children:
+        try:
+            # A zombie is a worker that exited and has not been reaped yet: it accepts nothing.
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            procs[child.pid] = _info(child, "worker")
+        except psutil.NoSuchProcess:
+            continue  # a worker exiting right now (e.g. --max-requests): the next refresh settles it
+        except psutil.AccessDenied:
+            raise DiscoveryError(f"access denied to pid {child.pid} (run as root)") from None
+    return procs
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listeners(processes: dict[int, ProcessInfo], rows: list[TcpRow]) -> list[Listener]:
+    holders: dict[int, set[int]] = {}
+    for pid in processes:
+        for inode in socket_inodes(pid):
+            holders.setdefault(inode, set()).add(pid)
+    held = [r for r in rows if r.inode in holders]
+    # SO_REUSEPORT is the only way several LISTEN sockets share one (address, port).
+    inodes_per_addr: dict[tuple[str, int], set[int]] = {}
+    for r in held:
+        inodes_per_addr.setdefault((r.address, r.port), set()).add(r.inode)
+    out: dict[int, Listener] = {}
+    for r in held:
+        pids = sorted(holders[r.inode])
+        if len(inodes_per_addr[(r.address, r.port)]) > 1:
+            mode = "reuseport"
+        elif len(pids) > 1:
+            mode = "shared"
+        else:
+            mode = "single"
+        out[r.inode] = Listener(r.inode, r.family, r.address, r.port, pids, mode)
+    return sorted(out.values(), key=lambda lst: (lst.port, lst.family, lst.address, lst.inode))
+
+
+def _scan(master_pid: int) -> Topology:
+    processes = _processes(master_pid)
+    rows = _read_listen_rows(master_pid)
+    return Topology(
+        master_pid=master_pid,
+        master_cmdline=processes[master_pid].cmdline,
+        processes=processes,
+        listeners=_listeners(processes, rows),
+    )
+
+
+def discover(master_pid: int) -> Topology:
+    """The master, all its descendants and the listening TCP sockets they hold."""
+    if master_pid <= 0:
+        raise DiscoveryError(f"no process with pid {master_pid}")
+    topo = _scan(master_pid)
+    if not topo.listeners:
+        n = len(topo.processes) - 1
+        raise DiscoveryError(
+            f"pid {master_pid} ({_short(topo.master_cmdline)}) and its {n} descendant{'' if n == 1 else 's'} "
+            "hold no listening TCP socket"
+        )
+    return topo
+
+
+def refresh(topology: Topology) -> Topology:
+    """Re-scan after workers came and went. Unlike discover(), a moment with no listener (a reload in
+    progress) is not an error; a vanished master is (DiscoveryError)."""
+    return _scan(topology.master_pid)

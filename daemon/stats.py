@@ -1,0 +1,492 @@
+"""Aggregation: cumulative kernel counters in, the "accept-watch/1" JSON document out.
+
+The kernel keeps exact cumulative counters per (pid, port); this module only sums, differentiates
+and windows them. Everything it keeps is bounded however long it runs: time windows (rates, rate and
+depth history), fixed-size deques (events), and per-pid records, of which at most max_exited exited
+ones are kept (their accepts stay in the totals after eviction).
+
+pids are reused (pid_max can be as low as 32768) and the kernel map is keyed by pid only, so a new
+process with an old pid keeps counting on the old counter: when a pid's create_time changes, the old
+process's counters become the new record's baseline and are subtracted (all but the wait maximum,
+which cannot be un-mixed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from accept_watch.probes.histogram import bucket_bounds, percentile
+from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot, ListenerCounters
+
+from accept_watch import __version__
+
+from . import discovery
+from .clock import ClockMap, iso_utc
+from .discovery import ProcessInfo, Topology
+from .export import event_to_dict
+
+SCHEMA = "accept-watch/1"
+_NS = 1_000_000_000
+RATE_WINDOWS_S = (1, 10, 60)
+HISTORY_S = 300  # rate_history span
+# One rate_history entry per ~second. Timers jitter, so a bin closes once 0.9 s have passed since it
+# opened: with a 1 s update cadence every update closes exactly one bin.
+BIN_CLOSE_S = 0.9
+MAX_RATE_SAMPLES = 10_000  # safety cap on rate-window samples if updates come very fast
+MAX_LISTENERS = 1024
+
+
+@dataclass(slots=True)
+class _Raw:
+    """Kernel values for one pid summed over ports (cumulative since attach)."""
+
+    accepts: int = 0
+    wait_count: int = 0
+    wait_sum_ns: int = 0
+    wait_max_ns: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    hist: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Worker:
+    pid: int
+    ppid: int | None
+    cmdline: str
+    role: str
+    create_time: float | None
+    discovered: bool  # ever part of a discovered topology
+    alive: bool
+    exited_ns: int | None = None  # monotonic ns when it was first seen gone (eviction order)
+    raw: _Raw = field(default_factory=_Raw)
+    base: _Raw = field(default_factory=_Raw)  # counts of an earlier process that had this pid
+    prev_accepts: int = 0  # own accepts at the previous update (rate deltas)
+    first_own_ns: int | None = None  # when base is non-zero: first update that showed own accepts
+
+    @property
+    def accepts(self) -> int:
+        return max(0, self.raw.accepts - self.base.accepts)
+
+    def wait_hist(self) -> dict[int, int]:
+        if not self.base.hist:
+            return {k: v for k, v in self.raw.hist.items() if v > 0}
+        out = {k: v - self.base.hist.get(k, 0) for k, v in self.raw.hist.items()}
+        return {k: v for k, v in out.items() if v > 0}
+
+
+@dataclass(slots=True)
+class _ListenerState:
+    inode: int
+    family: str
+    address: str
+    port: int
+    pids: list[int]
+    mode: str
+    open: bool
+    closed_ns: int | None = None
+    depth_current: int | None = None
+    depth_sampled_max: int | None = None
+    history: deque[list[float]] = field(default_factory=deque)
+
+
+def _same_process(a: float | None, b: float | None) -> bool:
+    # psutil derives create_time from boot time + start ticks: stable for one process, and two
+    # processes sharing a pid are at least a clock tick (10 ms) apart.
+    return a is None or b is None or abs(a - b) < 0.005
+
+
+def _round(v: float | None, nd: int = 3) -> float | None:
+    return None if v is None else round(v, nd)
+
+
+class Aggregator:
+    """Feed update() periodically; read document() from any thread."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        probe: str,
+        probe_detail: str,
+        kernel: str,
+        wall_clock: Callable[[], int] = time.time_ns,
+        mono_clock: Callable[[], int] = time.monotonic_ns,
+        *,
+        process_lookup: Callable[[int], ProcessInfo | None] = discovery.lookup_process,
+        max_exited: int = 4096,
+        history_points: int = 300,
+        max_events: int = 1000,
+        max_transitions: int = 16384,
+    ) -> None:
+        self.probe = probe
+        self.probe_detail = probe_detail
+        self.kernel = kernel
+        self.clock = ClockMap(wall_clock, mono_clock)
+        self._lookup = process_lookup
+        self._max_exited = max_exited
+        self._history_points = history_points
+        self._max_transitions = max_transitions
+        self._lock = threading.RLock()
+        self._hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+        self._topology = topology
+        self._workers: dict[int, _Worker] = {}
+        # pid -> raw counts at eviction, so the kernel's still-present counter is not re-adopted
+        self._evicted: dict[int, _Raw] = {}
+        self._evicted_accepts = 0
+        self._evicted_workers = 0
+        self._listeners: dict[int, _ListenerState] = {}
+        self._kernel_listeners: dict[int, ListenerCounters] = {}
+        self._transitions: dict[tuple[int, int, int], int] = {}
+        self._diag: dict[Counter, int] = {}
+        self._last_ns: int | None = None  # taken_ns of the latest snapshot
+        self._ended_ns: int | None = None
+        # (taken_ns, {pid: accepts since the previous sample}) for the rate windows
+        self._samples: deque[tuple[int, dict[int, int]]] = deque(maxlen=MAX_RATE_SAMPLES)
+        self._bin_start = self.clock.start_mono
+        self._bin: dict[int, int] = {}
+        self._rate_history: deque[list[Any]] = deque(maxlen=int(HISTORY_S / BIN_CLOSE_S) + 2)
+        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._apply_topology(topology, self.clock.start_mono)
+        self._apply_listeners(topology, self.clock.start_mono)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def set_analysis_hook(self, fn: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+        """fn(document without analysis) -> the "analysis" section; called on every document()."""
+        self._hook = fn
+
+    def add_event(self, ev: AcceptEvent) -> None:
+        d = event_to_dict(ev, self.clock)
+        with self._lock:
+            self._events.append(d)
+
+    def recent_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The last `limit` per-connection events, oldest first."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        with self._lock:
+            if limit == 0:
+                return []
+            return list(self._events)[-limit:]
+
+    def update(self, snapshot: KernelSnapshot, topology: Topology, depths: Mapping[int, int]) -> None:
+        with self._lock:
+            now = snapshot.taken_ns
+            if self._last_ns is not None and now < self._last_ns:
+                raise ValueError(f"snapshot at {now} ns is older than the previous one ({self._last_ns} ns)")
+            self._topology = topology
+            self._apply_topology(topology, now)
+            self._apply_counters(snapshot, now)
+            self._apply_listeners(topology, now)
+            self._apply_listener_counters(snapshot, depths, now)
+            self._transitions = dict(snapshot.transitions)
+            self._diag = dict(snapshot.diag)
+            self._last_ns = now
+            self._evict()
+
+    # -- document --------------------------------------------------------------------------------
+    def document(self, ended: bool = False) -> dict[str, Any]:
+        with self._lock:
+            if ended and self._ended_ns is None:
+                self._ended_ns = self.clock.mono_clock()
+                # The final read rarely lands on a bin boundary: keep its accepts in the history.
+                if self._last_ns is not None and self._last_ns > self._bin_start:
+                    self._close_bin(self._last_ns)
+            doc = self._build()
+        hook = self._hook
+        if hook is not None:
+            try:
+                doc["analysis"] = hook(doc)
+            except Exception as exc:  # the counts stay valid; say why the "why" is missing
+                doc["analysis"] = {"error": f"analysis failed: {type(exc).__name__}: {exc}"}
+        return doc
+
+    # -- internals -------------------------------------------------------------------------------
+    def _new_worker(self, info: ProcessInfo | None, pid: int, discovered: bool, base: _Raw | None) -> _Worker:
+        w = _Worker(
+            pid=pid,
+            ppid=info.ppid if info else None,
+            cmdline=info.cmdline if info else "?",
+            role=info.role if info else "worker",
+            create_time=info.create_time if info else None,
+            discovered=discovered,
+            alive=info is not None,
+        )
+        if base is not None:
+            w.base = base
+            w.raw = _Raw(base.accepts, base.wait_count, base.wait_sum_ns, 0, 0, 0, dict(base.hist))
+        return w
+
+    def _retire(self, w: _Worker) -> None:
+        """Drop a record from the document; its accepts stay in total_accepts."""
+        self._evicted[w.pid] = w.raw
+        self._evicted_accepts += w.accepts
+        self._evicted_workers += 1
+        del self._workers[w.pid]
+
+    def _apply_topology(self, topology: Topology, now: int) -> None:
+        for pid, info in topology.processes.items():
+            w = self._workers.get(pid)
+            if w is not None and not _same_process(w.create_time, info.create_time):
+                base = w.raw
+                self._retire(w)  # the pid was reused: the old process is gone
+                self._evicted.pop(pid, None)
+                self._workers[pid] = self._new_worker(info, pid, True, base)
+                continue
+            if w is None:
+                self._workers[pid] = self._new_worker(info, pid, True, self._evicted.pop(pid, None))
+                continue
+            # cmdline changes after fork (gunicorn and nginx set their process titles)
+            w.cmdline, w.ppid, w.role, w.create_time = info.cmdline, info.ppid, info.role, info.create_time
+            w.discovered = True
+            w.alive = True
+            w.exited_ns = None
+        for pid, w in self._workers.items():
+            if not w.alive or pid in topology.processes:
+                continue
+            if not w.discovered:
+                # Seen only through the kernel (forked between refreshes): ask the system directly.
+                info = self._lookup(pid)
+                if info is not None and _same_process(w.create_time, info.create_time):
+                    continue
+            w.alive = False
+            w.exited_ns = now
+
+    def _apply_counters(self, snapshot: KernelSnapshot, now: int) -> None:
+        raws: dict[int, _Raw] = {}
+        for wc in snapshot.workers:
+            r = raws.setdefault(wc.pid, _Raw())
+            r.accepts += wc.accepts
+            r.wait_count += wc.wait_count
+            r.wait_sum_ns += wc.wait_sum_ns
+            r.wait_max_ns = max(r.wait_max_ns, wc.wait_max_ns)
+            if wc.accepts:
+                r.first_ns = wc.first_ns if not r.first_ns else min(r.first_ns, wc.first_ns)
+                r.last_ns = max(r.last_ns, wc.last_ns)
+        for (pid, _port), buckets in snapshot.wait_hist.items():
+            r = raws.setdefault(pid, _Raw())
+            for idx, c in buckets.items():
+                r.hist[idx] = r.hist.get(idx, 0) + c
+
+        deltas: dict[int, int] = {}
+        for pid, raw in raws.items():
+            w = self._workers.get(pid)
+            if w is None:
+                evicted = self._evicted.get(pid)
+                if evicted is not None and raw.accepts <= evicted.accepts:
+                    continue  # an evicted worker's counter, unchanged: already in the totals
+                info = self._lookup(pid)
+                w = self._new_worker(info, pid, False, self._evicted.pop(pid, None))
+                if info is None:
+                    w.exited_ns = now
+                self._workers[pid] = w
+            w.raw = raw
+            own = w.accepts
+            if own > 0 and w.base.accepts and w.first_own_ns is None:
+                w.first_own_ns = now
+            # Kernel counters never decrease (the map is not pruned), so only increases are deltas.
+            if own > w.prev_accepts:
+                deltas[pid] = own - w.prev_accepts
+            w.prev_accepts = own
+
+        self._samples.append((now, deltas))
+        horizon = now - (max(RATE_WINDOWS_S) + 1) * _NS
+        while len(self._samples) > 1 and self._samples[1][0] < horizon:
+            self._samples.popleft()
+
+        for pid, d in deltas.items():
+            self._bin[pid] = self._bin.get(pid, 0) + d
+        if now - self._bin_start >= BIN_CLOSE_S * _NS:
+            self._close_bin(now)
+
+    def _close_bin(self, now: int) -> None:
+        t = round(self.clock.rel_s(now), 3)
+        self._rate_history.append([t, {str(p): c for p, c in sorted(self._bin.items())}])
+        self._bin = {}
+        self._bin_start = now
+        while self._rate_history and self._rate_history[0][0] <= t - HISTORY_S:
+            self._rate_history.popleft()
+
+    def _apply_listeners(self, topology: Topology, now: int) -> None:
+        current = {lst.inode: lst for lst in topology.listeners}
+        for inode, lst in current.items():
+            st = self._listeners.get(inode)
+            if st is None:
+                st = _ListenerState(
+                    inode, lst.family, lst.address, lst.port, list(lst.pids), lst.mode, True,
+                    history=deque(maxlen=self._history_points),
+                )
+                self._listeners[inode] = st
+            st.family, st.address, st.port = lst.family, lst.address, lst.port
+            st.pids, st.mode, st.open, st.closed_ns = list(lst.pids), lst.mode, True, None
+        for inode, st in self._listeners.items():
+            if inode not in current and st.open and st.mode != "unknown":
+                st.open = False
+                st.closed_ns = now
+                st.depth_current = None
+
+    def _apply_listener_counters(self, snapshot: KernelSnapshot, depths: Mapping[int, int], now: int) -> None:
+        self._kernel_listeners = {lc.inode: lc for lc in snapshot.listeners}
+        for lc in snapshot.listeners:
+            if lc.inode not in self._listeners:
+                # Counted by the kernel but never seen by discovery (opened and closed between two
+                # refreshes): still listed, so per-listener accepts add up.
+                self._listeners[lc.inode] = _ListenerState(
+                    lc.inode, "?", "?", lc.port, [], "unknown", False, closed_ns=now,
+                    history=deque(maxlen=self._history_points),
+                )
+        t = round(self.clock.rel_s(now), 3)
+        for inode, st in self._listeners.items():
+            d = depths.get(inode)
+            if not st.open:
+                continue
+            st.depth_current = d
+            if d is None:
+                continue
+            st.history.append([t, d])
+            st.depth_sampled_max = d if st.depth_sampled_max is None else max(st.depth_sampled_max, d)
+
+    def _evict(self) -> None:
+        exited = [w for w in self._workers.values() if not w.alive]
+        if len(exited) > self._max_exited:
+            exited.sort(key=lambda w: (w.exited_ns or 0, w.pid))
+            for w in exited[: len(exited) - self._max_exited]:
+                self._retire(w)
+        closed = [st for st in self._listeners.values() if not st.open]
+        extra = len(self._listeners) - MAX_LISTENERS
+        if extra > 0:
+            closed.sort(key=lambda st: (st.closed_ns or 0, st.inode))
+            for st in closed[:extra]:
+                del self._listeners[st.inode]
+
+    def _rates(self) -> dict[int, dict[str, float]]:
+        """accepts/s per pid over each window ending at the latest snapshot."""
+        out: dict[int, dict[str, float]] = {}
+        if self._last_ns is None:
+            return out
+        now = self._last_ns
+        times = [self.clock.start_mono] + [t for t, _ in self._samples if t < now]
+        for win in RATE_WINDOWS_S:
+            target = now - win * _NS
+            # The sample nearest the window's start, so timer jitter does not stretch a 1 s window to 2 s.
+            ref = min(times, key=lambda t: (abs(t - target), -t))
+            dt = (now - ref) / _NS
+            sums: dict[int, int] = {}
+            for t, deltas in self._samples:
+                if t > ref:
+                    for pid, d in deltas.items():
+                        sums[pid] = sums.get(pid, 0) + d
+            for pid, s in sums.items():
+                out.setdefault(pid, {})[f"{win}s"] = round(s / dt, 3) if dt > 0 else 0.0
+        return out
+
+    def _worker_doc(self, w: _Worker, total: int, rates: dict[str, float]) -> dict[str, Any]:
+        own = w.accepts
+        hist = w.wait_hist()
+        count = max(0, w.raw.wait_count - w.base.wait_count)
+        wait_sum = max(0, w.raw.wait_sum_ns - w.base.wait_sum_ns)
+        if count > 0:
+            p50, p99 = percentile(hist, 50), percentile(hist, 99)
+            wait = {
+                "p50": _round(p50 / 1000 if p50 is not None else None),
+                "p99": _round(p99 / 1000 if p99 is not None else None),
+                "max": _round(w.raw.wait_max_ns / 1000),
+                "mean": _round(wait_sum / count / 1000),
+                "count": count,
+            }
+        else:
+            wait = {"p50": None, "p99": None, "max": None, "mean": None, "count": 0}
+        first: str | None = None
+        last: str | None = None
+        if own > 0:
+            first_ns = w.first_own_ns if w.base.accepts else w.raw.first_ns
+            first = self.clock.iso(first_ns) if first_ns else None
+            last = self.clock.iso(w.raw.last_ns) if w.raw.last_ns else None
+        return {
+            "pid": w.pid,
+            "ppid": w.ppid,
+            "cmdline": w.cmdline,
+            "role": w.role,
+            "accepts": own,
+            "share": own / total if total else 0.0,
+            "alive": w.alive,
+            "first_seen": first,
+            "last_seen": last,
+            "rate": {f"{s}s": rates.get(f"{s}s", 0.0) for s in RATE_WINDOWS_S},
+            "queue_wait_us": wait,
+            "queue_wait_hist": [[*bucket_bounds(i), c] for i, c in sorted(hist.items())],
+        }
+
+    def _listener_doc(self, st: _ListenerState) -> dict[str, Any]:
+        lc = self._kernel_listeners.get(st.inode)
+        limit: int | None = lc.backlog_limit if lc is not None else None
+        if limit is None:  # no accept seen on this inode yet: same port, same listen() backlog
+            same_port = (k.backlog_limit for k in self._kernel_listeners.values() if k.port == st.port)
+            limit = next(same_port, None)
+        maxes = [m for m in (lc.depth_max if lc is not None else None, st.depth_sampled_max) if m is not None]
+        depth = {"current": st.depth_current, "max": max(maxes) if maxes else None, "limit": limit}
+        return {
+            "address": st.address,
+            "port": st.port,
+            "family": st.family,
+            "inode": st.inode,
+            "mode": st.mode,
+            "pids": list(st.pids),
+            "open": st.open,
+            "accepts": lc.accepts if lc is not None else 0,
+            "queue_depth": depth,
+            "depth_history": [list(p) for p in st.history],
+        }
+
+    def _transitions_doc(self) -> tuple[list[dict[str, int]], int]:
+        items = list(self._transitions.items())
+        omitted = 0
+        if len(items) > self._max_transitions:
+            items.sort(key=lambda kv: -kv[1])
+            omitted = len(items) - self._max_transitions
+            items = items[: self._max_transitions]
+        items.sort(key=lambda kv: kv[0])
+        return [{"port": p, "from": a, "to": b, "count": c} for (p, a, b), c in items], omitted
+
+    def _build(self) -> dict[str, Any]:
+        total = sum(w.accepts for w in self._workers.values()) + self._evicted_accepts
+        rates = self._rates()
+        workers = [self._worker_doc(w, total, rates.get(pid, {})) for pid, w in sorted(self._workers.items())]
+        listeners = [
+            self._listener_doc(st)
+            for st in sorted(self._listeners.values(), key=lambda s: (s.port, s.family, s.address, s.inode))
+        ]
+        transitions, omitted = self._transitions_doc()
+        diagnostics: dict[str, int] = {c.name.lower(): int(self._diag.get(c, 0)) for c in Counter}
+        diagnostics["evicted_workers"] = self._evicted_workers
+        diagnostics["evicted_accepts"] = self._evicted_accepts
+        diagnostics["transitions_omitted"] = omitted
+        end = self._ended_ns if self._ended_ns is not None else self.clock.mono_clock()
+        updated = self._last_ns if self._last_ns is not None else self.clock.start_mono
+        return {
+            "schema": SCHEMA,
+            "tool_version": __version__,
+            "master_pid": self._topology.master_pid,
+            "master_cmdline": self._topology.master_cmdline,
+            "probe": self.probe,
+            "probe_detail": self.probe_detail,
+            "kernel": self.kernel,
+            "started_at": iso_utc(self.clock.start_wall),
+            "updated_at": self.clock.iso(updated),
+            "ended_at": self.clock.iso(self._ended_ns) if self._ended_ns is not None else None,
+            "duration_s": round(max(0, end - self.clock.start_mono) / _NS, 3),
+            "total_accepts": total,
+            "lost_events": int(self._diag.get(Counter.EVENTS_LOST, 0)),
+            "unattributed": int(sum(self._diag.get(c, 0) for c in LOSS_COUNTERS)),
+            "diagnostics": diagnostics,
+            "listeners": listeners,
+            "workers": workers,
+            "rate_history": [[t, dict(c)] for t, c in self._rate_history],
+            "transitions": transitions,
+            "analysis": {},
+        }

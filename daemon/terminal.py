@@ -1,0 +1,206 @@
+"""The live terminal table, rendered from the snapshot document (a pure function: doc -> str).
+
+Lines are built as styled segments and cut at the visible width, so ANSI codes never count towards
+the width and a cut never splits an escape sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STYLES = {"bold": "\x1b[1m", "loud": "\x1b[1;97;41m", "dim": "\x1b[2m"}
+_RESET = "\x1b[0m"
+MAX_LISTENER_LINES = 8
+
+# Fixed-width columns, then the bar last so it takes whatever width is left. Below FULL_WIDTH the
+# rate and wait columns are dropped rather than cut mid-figure.
+_COLS = "{pid:>8} {accepts:>10} {share:>6} {rate:>13} {p50:>8} {p99:>8}  {state:<6}  {bar}"
+_COLS_COMPACT = "{pid:>8} {accepts:>10} {share:>6}  {state:<6}  {bar}"
+MIN_BAR = 10
+_FIXED = len(_COLS.format(pid="", accepts="", share="", rate="", p50="", p99="", state="", bar=""))
+_FIXED_COMPACT = len(_COLS_COMPACT.format(pid="", accepts="", share="", state="", bar=""))
+FULL_WIDTH = _FIXED + MIN_BAR
+
+Segment = tuple[str, str | None]
+
+
+def _emit(segments: list[Segment], width: int, ansi: bool) -> str:
+    out: list[str] = []
+    left = width
+    for text, style in segments:
+        if left <= 0:
+            break
+        piece = text[:left]
+        left -= len(piece)
+        out.append(f"{_STYLES[style]}{piece}{_RESET}" if ansi and style else piece)
+    return "".join(out).rstrip()
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "-"
+    if us < 1000:
+        return f"{us:.0f}us"
+    if us < 1_000_000:
+        return f"{us / 1000:.1f}ms"
+    return f"{us / 1_000_000:.2f}s"
+
+
+def _endpoint(lst: dict[str, Any]) -> str:
+    addr = str(lst.get("address", "?"))
+    return f"[{addr}]:{lst.get('port')}" if ":" in addr else f"{addr}:{lst.get('port')}"
+
+
+def competing(workers: list[dict[str, Any]]) -> int:
+    """How many processes the accepts should be shared by: those that accepted, plus alive workers
+    (a worker with no accept yet still counts; an idle master does not)."""
+    return sum(
+        1 for w in workers if w.get("accepts", 0) > 0 or (w.get("alive", True) and w.get("role") != "master")
+    )
+
+
+def _bar(share: float, max_share: float, fair: float | None, width: int) -> str:
+    if max_share <= 0:
+        cells = ["."] * width
+    else:
+        filled = round(share / max_share * width)
+        cells = ["#"] * filled + ["."] * (width - filled)
+    if fair is not None and max_share > 0:
+        pos = min(width - 1, int(fair / max_share * width)) if fair <= max_share else None
+        if pos is not None:
+            cells[pos] = "|"
+    return "".join(cells)
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
+def _loud(name: str, n: int) -> Segment:
+    """Losses must not be missed, with or without colour: upper case and '!' when non-zero."""
+    return (f"{name.upper()} {n:,}!", "loud") if n else (f"{name} 0", None)
+
+
+def _header(doc: dict[str, Any]) -> list[Segment]:
+    lost = int(doc.get("lost_events") or 0)
+    unattributed = int(doc.get("unattributed") or 0)
+    # Totals and losses first: a narrow terminal cuts the end of the line, and losses must stay visible.
+    segs: list[Segment] = [
+        ("accept-watch", "bold"),
+        (f"  total {int(doc.get('total_accepts') or 0):,}", "bold"),
+        ("  ", None),
+        _loud("lost", lost),
+        ("  ", None),
+        _loud("unattributed", unattributed),
+        (f"  pid {doc.get('master_pid')}", None),
+        (f"  probe {doc.get('probe')}", None),
+        (f"  {'ran' if doc.get('ended_at') else 'elapsed'} {fmt_duration(doc.get('duration_s'))}", None),
+    ]
+    if doc.get("ended_at"):
+        segs.append(("  [ended]", "dim"))
+    segs.append((f"  {doc.get('master_cmdline', '')}", "dim"))
+    return segs
+
+
+def _listener_line(lst: dict[str, Any]) -> list[Segment]:
+    qd = lst.get("queue_depth") or {}
+    cur, mx, limit = qd.get("current"), qd.get("max"), qd.get("limit")
+    near = bool(limit) and mx is not None and mx >= 0.9 * limit
+    pids = lst.get("pids") or []
+    state = "" if lst.get("open", True) else " (closed)"
+    return [
+        (f"  listen {_endpoint(lst)}{state} {lst.get('mode')} ({len(pids)} pid{_s(len(pids))})", None),
+        (f"  queue {'-' if cur is None else cur}/{'-' if limit is None else limit}", None),
+        (f" max {'-' if mx is None else mx}", "loud" if near else None),
+        (f"  accepts {int(lst.get('accepts') or 0):,}", None),
+    ]
+
+
+def _worker_line(
+    w: dict[str, Any], max_share: float, fair: float | None, bar_w: int, cols: str
+) -> list[Segment]:
+    rate = w.get("rate") or {}
+    wait = w.get("queue_wait_us") or {}
+    if w.get("role") == "master":
+        state = "master" if w.get("alive", True) else "exited"
+    else:
+        state = "alive" if w.get("alive", True) else "exited"
+    share = float(w.get("share") or 0.0)
+    text = cols.format(
+        pid=w.get("pid"),
+        accepts=f"{int(w.get('accepts') or 0):,}",
+        share=f"{share * 100:.1f}%",
+        bar=_bar(share, max_share, fair, bar_w),
+        rate=f"{float(rate.get('1s') or 0):.1f}/{float(rate.get('10s') or 0):.1f}",
+        p50=fmt_us(wait.get("p50")),
+        p99=fmt_us(wait.get("p99")),
+        state=state,
+    )
+    return [(text, None if state != "exited" else "dim")]
+
+
+def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: bool = False) -> str:
+    """The live table. Shows the max_workers busiest processes (in pid order) and counts the rest."""
+    width = max(40, width)
+    lines = [_emit(_header(doc), width, ansi)]
+    listeners = doc.get("listeners") or []
+    for lst in listeners[:MAX_LISTENER_LINES]:
+        lines.append(_emit(_listener_line(lst), width, ansi))
+    if len(listeners) > MAX_LISTENER_LINES:
+        more = len(listeners) - MAX_LISTENER_LINES
+        lines.append(_emit([(f"  ... {more} more listeners", "dim")], width, ansi))
+
+    workers = doc.get("workers") or []
+    if not workers:
+        lines.append(_emit([("  (no workers)", "dim")], width, ansi))
+        return "\n".join(lines)
+    cols, fixed = (_COLS, _FIXED) if width >= FULL_WIDTH else (_COLS_COMPACT, _FIXED_COMPACT)
+    bar_w = max(MIN_BAR, width - fixed)
+    n = competing(workers)
+    fair = 1.0 / n if n else None
+    max_share = max(float(w.get("share") or 0.0) for w in workers)
+    head = cols.format(
+        pid="pid", accepts="accepts", share="share",
+        bar=f"{'share (| = fair ' + (f'{fair * 100:.1f}%' if fair else '-') + ')':<{bar_w}}"[:bar_w],
+        rate="rate 1s/10s", p50="wait p50", p99="p99", state="state",
+    )
+    lines.append(_emit([(head, "bold")], width, ansi))
+    busiest = sorted(workers, key=lambda w: (-int(w.get("accepts") or 0), int(w.get("pid") or 0)))
+    shown = busiest[: max(0, max_workers)]
+    for w in sorted(shown, key=lambda w: int(w.get("pid") or 0)):
+        lines.append(_emit(_worker_line(w, max_share, fair, bar_w, cols), width, ansi))
+    rest = len(workers) - len(shown)
+    if rest > 0:
+        shown_pids = {w.get("pid") for w in shown}
+        rest_accepts = sum(int(w.get("accepts") or 0) for w in workers if w.get("pid") not in shown_pids)
+        lines.append(_emit([(f"  ... {rest} more workers ({rest_accepts:,} accepts)", "dim")], width, ansi))
+    return "\n".join(lines)
+
+
+def summary_line(doc: dict[str, Any]) -> str:
+    """One plain line for logs and pipes (no table)."""
+    workers = doc.get("workers") or []
+    total = int(doc.get("total_accepts") or 0)
+    n = competing(workers)
+    parts = [f"accept-watch: {total:,} accepts by {n} worker{'s' if n != 1 else ''} "
+             f"in {fmt_duration(doc.get('duration_s'))}"]
+    if total and workers:
+        top = max(workers, key=lambda w: (int(w.get("accepts") or 0), -int(w.get("pid") or 0)))
+        parts.append(f"busiest pid {top.get('pid')} {float(top.get('share') or 0) * 100:.1f}%"
+                     + (f" (fair {100 / n:.1f}%)" if n else ""))
+    lost = int(doc.get("lost_events") or 0)
+    unattributed = int(doc.get("unattributed") or 0)
+    parts.append(_loud("lost", lost)[0])
+    parts.append(_loud("unattributed", unattributed)[0])
+    return "; ".join(parts)
