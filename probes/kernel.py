@@ -267,16 +267,16 @@ class AcceptProbes:
 
     # -- configuration ---------------------------------------------------------------------------
     def _set_config(self, slot: defines.ConfigSlot, value: int) -> None:
-        table = self._bpf["config"]
+        table = self._bpf[b"config"]
         table[ctypes.c_int(int(slot))] = ctypes.c_uint64(value)
 
     def track(self, pids: Iterable[int]) -> None:
-        table = self._bpf["tracked"]
+        table = self._bpf[b"tracked"]
         for pid in pids:
             table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     def watch_ports(self, ports: Iterable[int]) -> None:
-        table = self._bpf["watched_ports"]
+        table = self._bpf[b"watched_ports"]
         for port in ports:
             table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
 
@@ -292,30 +292,30 @@ class AcceptProbes:
                 busy_accepts=v.busy_accepts, closed=v.closed, life_sum_ns=v.life_sum_ns,
                 life_max_ns=v.life_max_ns,
             )
-            for k, v in b["worker_stats"].items()
+            for k, v in b[b"worker_stats"].items()
         )
         hist: dict[tuple[int, int], dict[int, int]] = {}
-        for k, v in b["wait_hist"].items():
+        for k, v in b[b"wait_hist"].items():
             hist.setdefault((k.tgid, k.port), {})[k.bucket] = v.value
         listeners = tuple(
             ListenerCounters(inode=k.value, port=v.port, accepts=v.accepts, depth_last=v.depth_last,
                              depth_max=v.depth_max, backlog_limit=v.backlog_limit)
-            for k, v in b["listener_stats"].items()
+            for k, v in b[b"listener_stats"].items()
         )
-        transitions = {(k.port, k.prev_tgid, k.tgid): v.value for k, v in b["transitions"].items()}
-        diag_table = b["diag"]
+        transitions = {(k.port, k.prev_tgid, k.tgid): v.value for k, v in b[b"transitions"].items()}
+        diag_table = b[b"diag"]
         diag = {c: diag_table[ctypes.c_int(int(c))].value for c in Counter}
         return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
 
     def tracked_pids(self) -> set[int]:
-        return {k.value for k in self._bpf["tracked"].keys()}  # noqa: SIM118 - BCC tables
+        return {k.value for k in self._bpf[b"tracked"].keys()}  # noqa: SIM118 - BCC tables
 
     def open_events(self, callback: Callable[[AcceptEvent], None]) -> None:
         def _on_event(_ctx: Any, data: Any, size: int) -> int:
             callback(decode_event(ctypes.string_at(data, size)))
             return 0
 
-        self._bpf["events"].open_ring_buffer(_on_event)
+        self._bpf[b"events"].open_ring_buffer(_on_event)
 
     def poll_events(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)

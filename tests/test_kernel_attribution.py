@@ -92,8 +92,8 @@ def test_accept_already_blocked_before_attach_is_counted(tmp_path: Path) -> None
     with servers.start_blocked_acceptor() as srv:
         run = start_watch(srv.pid, tmp_path, events=True)
         try:
-            with socket.create_connection(("127.0.0.1", srv.port), timeout=5):
-                pass
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as c:
+                assert c.recv(16), "the acceptor answers once it has accepted"
         finally:
             assert run.stop() == 0, run.stderr()
     doc = run.document()
