@@ -260,6 +260,9 @@ def _dominant_wait_mode(wait_modes: Mapping[int, str] | None, pids: Iterable[int
 def _why_round_robin(mode: str | None) -> str:
     if mode == "blocking-accept":
         return "workers block in accept() and the kernel wakes them in FIFO order"
+    if mode in ("poll/select", "epoll"):
+        return (f"workers wait in {mode} but under load each takes the next queued connection as soon as "
+                "it finishes one, so they take turns")
     return "the kernel wakes blocked accept() callers in FIFO order"
 
 

@@ -160,6 +160,10 @@ class Aggregator:
         """fn(document without analysis) -> the "analysis" section; called on every document()."""
         self._hook = fn
 
+    def snapshot(self) -> dict[str, Any]:
+        """The live document (the dashboard's DashboardSource protocol)."""
+        return self.document()
+
     def add_event(self, ev: AcceptEvent) -> None:
         d = event_to_dict(ev, self.clock)
         with self._lock:

@@ -235,14 +235,14 @@ def _refresh(probes: Any, topology: discovery.Topology, watch_new_ports: bool) -
 
 
 def _start_dashboard(args: argparse.Namespace, aggregator: Aggregator) -> Any:
-    from accept_watch.dashboard.server import DashboardServer
+    from accept_watch.dashboard.server import DashboardError, DashboardServer
 
     host, port = args.listen
-    server = DashboardServer(aggregator, listen_host=host, port=port, token=args.token)
     try:
+        server = DashboardServer(aggregator, listen_host=host, port=port, token=args.token)
         server.start()
-    except OSError as exc:
-        raise WatchError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}") from exc
+    except (DashboardError, ValueError) as exc:
+        raise WatchError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
     print(f"accept-watch: dashboard at {server.url}", file=sys.stderr)
     return server
 

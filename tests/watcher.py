@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,12 +43,15 @@ class WatchRun:
         return self.stderr_path.read_text()
 
 
-def start_watch(pid: int, tmp: Path, *extra: str, events: bool = False, timeout: float = 60) -> WatchRun:
-    """Start accept-watch on `pid` and return once its probes are attached."""
+def start_watch(pid: int, tmp: Path, *extra: str, events: bool = False, timeout: float = 60,
+                dashboard: str | None = None) -> WatchRun:
+    """Start accept-watch on `pid` and return once its probes are attached (and its dashboard
+    serves, when `dashboard` gives HOST:PORT)."""
     export = tmp / "export.json"
     ev_path = tmp / "events.ndjson" if events else None
     stderr_path = tmp / "accept-watch.stderr"
-    cmd = [*ACCEPT_WATCH, "--pid", str(pid), "--export", str(export), "--no-dashboard", "--quiet", *extra]
+    web = ["--listen", dashboard] if dashboard else ["--no-dashboard"]
+    cmd = [*ACCEPT_WATCH, "--pid", str(pid), "--export", str(export), *web, "--quiet", *extra]
     if ev_path is not None:
         cmd += ["--events", str(ev_path)]
     with open(stderr_path, "w") as err:
@@ -56,13 +60,19 @@ def start_watch(pid: int, tmp: Path, *extra: str, events: bool = False, timeout:
     run = WatchRun(proc, export, ev_path, stderr_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "attached in" in run.stderr():
+        if "attached in" in run.stderr() and (dashboard is None or "dashboard at" in run.stderr()):
             return run
         if proc.poll() is not None:
             raise AssertionError(f"accept-watch exited {proc.returncode}: {run.stderr()}")
         time.sleep(0.05)
     run.stop(signal.SIGKILL)
     raise AssertionError(f"accept-watch did not attach within {timeout}s: {run.stderr()}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, timeout: float = 60, user: str | None = None) -> subprocess.CompletedProcess[str]:
