@@ -52,6 +52,13 @@ class _Raw:
     first_ns: int = 0
     last_ns: int = 0
     hist: dict[int, int] = field(default_factory=dict)
+    # Hidden in-worker queueing (accepted, not yet closed by the worker).
+    inflight: int = 0
+    inflight_max: int = 0
+    busy_accepts: int = 0
+    closed: int = 0
+    life_sum_ns: int = 0
+    life_max_ns: int = 0
 
 
 @dataclass(slots=True)
@@ -269,6 +276,12 @@ class Aggregator:
             r.wait_count += wc.wait_count
             r.wait_sum_ns += wc.wait_sum_ns
             r.wait_max_ns = max(r.wait_max_ns, wc.wait_max_ns)
+            r.inflight += wc.inflight
+            r.inflight_max = max(r.inflight_max, wc.inflight_max)
+            r.busy_accepts += wc.busy_accepts
+            r.closed += wc.closed
+            r.life_sum_ns += wc.life_sum_ns
+            r.life_max_ns = max(r.life_max_ns, wc.life_max_ns)
             if wc.accepts:
                 r.first_ns = wc.first_ns if not r.first_ns else min(r.first_ns, wc.first_ns)
                 r.last_ns = max(r.last_ns, wc.last_ns)
@@ -389,6 +402,24 @@ class Aggregator:
                 out.setdefault(pid, {})[f"{win}s"] = round(s / dt, 3) if dt > 0 else 0.0
         return out
 
+    @staticmethod
+    def _inflight_doc(w: _Worker) -> dict[str, Any]:
+        """Connections the worker accepted and has not closed yet: a worker that keeps accepting
+        while it holds many (asyncio servers) queues requests inside itself, out of the kernel's
+        sight. Per-port maxima are summed conservatively as the largest single-port maximum."""
+        closed = max(0, w.raw.closed - w.base.closed)
+        life_sum = max(0, w.raw.life_sum_ns - w.base.life_sum_ns)
+        return {
+            "now": w.raw.inflight if w.alive else 0,
+            "max": w.raw.inflight_max,
+            "busy_accepts": max(0, w.raw.busy_accepts - w.base.busy_accepts),
+            "closed": closed,
+            "life_ms": {
+                "mean": _round(life_sum / closed / 1e6) if closed else None,
+                "max": _round(w.raw.life_max_ns / 1e6) if closed else None,
+            },
+        }
+
     def _worker_doc(self, w: _Worker, total: int, rates: dict[str, float]) -> dict[str, Any]:
         own = w.accepts
         hist = w.wait_hist()
@@ -423,6 +454,7 @@ class Aggregator:
             "last_seen": last,
             "rate": {f"{s}s": rates.get(f"{s}s", 0.0) for s in RATE_WINDOWS_S},
             "queue_wait_us": wait,
+            "inflight": self._inflight_doc(w),
             "queue_wait_hist": [[*bucket_bounds(i), c] for i, c in sorted(hist.items())],
         }
 

@@ -6,9 +6,12 @@ the width and a cut never splits an escape sequence.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
-_STYLES = {"bold": "\x1b[1m", "loud": "\x1b[1;97;41m", "dim": "\x1b[2m"}
+_STYLES = {
+    "bold": "\x1b[1m", "loud": "\x1b[1;97;41m", "dim": "\x1b[2m", "yellow": "\x1b[33m", "red": "\x1b[31m",
+}
 _RESET = "\x1b[0m"
 MAX_LISTENER_LINES = 8
 
@@ -185,7 +188,34 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
         shown_pids = {w.get("pid") for w in shown}
         rest_accepts = sum(int(w.get("accepts") or 0) for w in workers if w.get("pid") not in shown_pids)
         lines.append(_emit([(f"  ... {rest} more workers ({rest_accepts:,} accepts)", "dim")], width, ansi))
+    lines.extend(_emit([(text, style)], width, ansi) for text, style in _why_lines(doc, width))
     return "\n".join(lines)
+
+
+def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
+    """The analysis under the table: verdict, how workers wait, in-worker queueing, flags."""
+    analysis = doc.get("analysis") or {}
+    out: list[tuple[str, str | None]] = []
+    sentence = (analysis.get("verdict") or {}).get("sentence")
+    if sentence:
+        out += [(line, "bold") for line in textwrap.wrap(sentence, width - 2, initial_indent="  why: ",
+                                                       subsequent_indent="       ")]
+    if analysis.get("error"):
+        out.append((f"  why: {analysis['error']}", "red"))
+    counts = (analysis.get("wait_modes") or {}).get("counts") or {}
+    waiting = {m: c for m, c in counts.items() if m != "unknown"}
+    if waiting:
+        modes = ", ".join(f"{m} ({c})" for m, c in sorted(waiting.items()))
+        out.append((f"  workers wait in: {modes}", None))
+    workers = doc.get("workers") or []
+    busy = [w for w in workers if (w.get("inflight") or {}).get("max", 0) > 1]
+    if busy:
+        top = max(busy, key=lambda w: w["inflight"]["max"])
+        out.append((f"  in-flight: {len(busy)} worker(s) accepted while holding open connections "
+                    f"(pid {top['pid']} held up to {top['inflight']['max']})", "yellow"))
+    for flag in analysis.get("flags") or []:
+        out.append((f"  ! {flag.get('message', flag)}", "yellow"))
+    return out
 
 
 def summary_line(doc: dict[str, Any]) -> str:
