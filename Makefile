@@ -8,7 +8,7 @@ setup:
 	@$(SETUP)
 
 demo: setup
-	@$(PY) -m accept_watch.daemon.demo
+	@$(PY) -m accept_watch.daemon.demo $(DEMO_ARGS)
 
 test: setup
 	@$(PY) -m ruff check .
