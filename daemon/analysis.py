@@ -621,6 +621,31 @@ def _check_rate_history(doc: Mapping[str, Any]) -> list[Any]:
     return sorted(history, key=lambda e: e[0])
 
 
+# A worker that accepted at least this many connections while already holding another open one
+# queues requests inside itself (asyncio servers accept as fast as they can): the kernel's accept
+# queue looks empty while requests wait in the busy worker. One such accept can be a keep-alive
+# client lingering; a handful is a pattern.
+INFLIGHT_BUSY_MIN = 3
+
+
+def _inflight_flags(workers: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    busy = [w for w in workers
+            if int((w.get("inflight") or {}).get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN
+            and int((w.get("inflight") or {}).get("max") or 0) > 1]
+    if not busy:
+        return []
+    busy.sort(key=lambda w: -int(w["inflight"]["max"]))
+    top = busy[0]
+    inf = top["inflight"]
+    others = f" (and {len(busy) - 1} more worker(s))" if len(busy) > 1 else ""
+    return [{
+        "code": "inflight_queueing",
+        "message": f"worker {top['pid']} accepted {inf['busy_accepts']} connection(s) while already holding "
+        f"open ones, up to {inf['max']} at once{others}: requests wait inside the worker, "
+        "where the accept queue does not show them.",
+    }]
+
+
 def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None) -> dict[str, Any]:
     """Build the snapshot document's "analysis" section (JSON-serializable).
 
@@ -797,6 +822,8 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
         flags.append(
             {"code": "wait_mode_mixed", "message": f"workers wait differently: {', '.join(sorted(known))}."}
         )
+
+    flags.extend(_inflight_flags(doc.get("workers") or []))
 
     summary = _Counter(mode_names.values())
     return {

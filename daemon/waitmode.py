@@ -312,7 +312,11 @@ class _Sampler:
             return WaitMode("unknown", self.denied)
         samples = self.samples
         waiting = sum(self.votes.values())
-        if waiting == 0 or waiting < sum(self.other.values()):
+        # A wait proven to be on the listener counts even when it is outvoted: a busy worker spends
+        # most samples in its request handler (sleeping, reading a database...) and only a few
+        # between requests, waiting for the next connection.
+        proven = any(verified for (_, verified, _) in self.votes)
+        if waiting == 0 or (waiting < sum(self.other.values()) and not proven):
             if self.other:
                 what, n = self.other.most_common(1)[0]
                 return WaitMode(

@@ -92,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     # The aggregator's clock starts before the probes count anything, so the first interval's rate
     # covers exactly the time the probes were attached.
     aggregator = Aggregator(topology, probe="pending", probe_detail="", kernel=os.uname().release)
+    wait_modes = WaitModes(topology)  # first sample before attaching, while the server runs as usual
     with AcceptProbes(layout, emit_events=want_events) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
         aggregator.probe, aggregator.probe_detail = result.kind.value, result.detail
@@ -104,14 +105,14 @@ def _run(args: argparse.Namespace) -> int:
             print(f"accept-watch: dry run OK: probe {result.kind}, {len(topology.processes)} processes, "
                   f"ports {', '.join(map(str, ports))}")
             return 0
-        return _loop(args, probes, topology, aggregator)
+        return _loop(args, probes, topology, aggregator, wait_modes)
 
 
-def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator) -> int:
+def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
+          wait_modes: WaitModes) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     only = set(args.port) if args.port else None
-    wait_modes = WaitModes(topology)
     aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
     writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
     dashboard = None
@@ -212,7 +213,11 @@ class WaitModes:
         self._next = now + WAIT_MODE_EVERY_S
         inodes = set(_inodes(topology))
         found = waitmode.detect_wait_modes(list(topology.processes), inodes)
-        self._modes = dict(found)
+        # A sample taken while a worker is busy may see no wait at all: keep what an earlier sample
+        # established rather than forget it.
+        for pid, wm in found.items():
+            if wm.mode != "unknown" or pid not in self._modes:
+                self._modes[pid] = wm
 
     def current(self) -> dict[int, waitmode.WaitMode]:
         return dict(self._modes)

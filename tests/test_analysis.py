@@ -462,3 +462,16 @@ def test_classify_rejects_bad_input() -> None:
         classify({5: -1}, None)
     with pytest.raises(ValueError, match="transition"):
         classify({5: 60}, {(5, 5): -2})
+
+
+def test_inflight_flag_names_the_worker_that_accepts_while_busy() -> None:
+    from accept_watch.daemon.analysis import _inflight_flags
+
+    calm = {"pid": 1, "inflight": {"max": 1, "busy_accepts": 0}}
+    keepalive = {"pid": 2, "inflight": {"max": 2, "busy_accepts": 2}}
+    assert _inflight_flags([calm, keepalive]) == []
+    busy = {"pid": 3, "inflight": {"max": 9, "busy_accepts": 40}}
+    (flag,) = _inflight_flags([calm, keepalive, busy])
+    assert flag["code"] == "inflight_queueing"
+    assert "worker 3 accepted 40" in flag["message"] and "up to 9" in flag["message"]
+    assert _inflight_flags([{"pid": 4}]) == []  # exports without in-flight data
