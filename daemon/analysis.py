@@ -279,6 +279,8 @@ def _why_concentrated(mode: str | None) -> str:
 def _why_random(listener_mode: str | None) -> str:
     if listener_mode == "reuseport":
         return "SO_REUSEPORT hashes each connection to one worker's socket"
+    if listener_mode == "shared":
+        return "workers race for the shared socket and whichever is free first takes the next connection"
     return "typical of SO_REUSEPORT hashing or of workers racing for the socket"
 
 

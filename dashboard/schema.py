@@ -52,6 +52,19 @@ class QueueWait(_Open):
     count: int
 
 
+class Lifetime(_Open):
+    mean: float | None
+    max: float | None
+
+
+class InFlight(_Open):
+    now: int = Field(ge=0, description="accepted and not yet closed by the worker")
+    max: int = Field(ge=0)
+    busy_accepts: int = Field(ge=0, description="accepts made while already holding an open connection")
+    closed: int = Field(ge=0)
+    life_ms: Lifetime = Field(description="accept -> close, in milliseconds")
+
+
 class Worker(_Open):
     pid: int
     ppid: int | None
@@ -67,6 +80,7 @@ class Worker(_Open):
     queue_wait_hist: list[tuple[int, int, int]] = Field(
         description="[low_ns, high_ns, count] for non-empty buckets of the log-linear histogram"
     )
+    inflight: InFlight | None = None
 
 
 class Transition(_Open):

@@ -61,6 +61,9 @@ def test_page_and_metrics_follow_a_real_server(tmp_path: Path) -> None:
                 page.wait_for(f"Number(document.querySelector('[data-testid=total]').dataset.value)"
                               f" === {snap['total_accepts']}", timeout=10)
                 state = json.loads(page.evaluate(PAGE_STATE))
+                # gunicorn sync workers wait in select(): the page says so.
+                waits = page.evaluate("document.querySelector('[data-testid=wait-modes]')?.textContent")
+                assert waits and "poll/select" in waits, waits
                 assert page.errors == []
             assert state["probe"].startswith(snap["probe"])
             assert {r["pid"]: r["accepts"] for r in state["rows"]} == {

@@ -186,6 +186,18 @@
       chips.push(el('span', { class: 'chip', text: `+${doc.listeners.length - MAX_CHIPS} more (table below)` }));
     }
     if (!doc.listeners.length) chips.push(el('span', { class: 'chip', text: 'no listening socket seen yet' }));
+    // How workers wait for connections, and the analysis flags (hidden in-worker queueing, ...).
+    const analysis = doc.analysis || {};
+    const modes = Object.entries((analysis.wait_modes || {}).counts || {}).filter(([m]) => m !== 'unknown');
+    if (modes.length) {
+      chips.push(el('span', { class: 'chip', 'data-testid': 'wait-modes',
+        text: `workers wait in ${modes.map(([m, c]) => `${m} (${c})`).join(', ')}` }));
+    }
+    for (const flag of analysis.flags || []) {
+      if (flag.code === 'not_enough_data') continue; // already the fairness sentence
+      chips.push(el('span', { class: 'chip full', 'data-testid': 'flag', 'data-code': flag.code,
+        text: flag.message }));
+    }
     $('listeners').replaceChildren(...chips);
   }
 
@@ -439,9 +451,12 @@
       return el('tr', { class: w.alive ? null : 'exited', 'data-testid': 'wait-row', 'data-pid': w.pid },
         el('td', { text: w.pid }), el('td', { text: fmtInt(w.accepts) }), el('td', { text: fmtUs(q.p50) }),
         el('td', { class: hot ? 'hot' : null, text: fmtUs(q.p99) }), el('td', { text: fmtUs(q.max) }),
-        el('td', { text: fmtInt(q.count) }));
+        el('td', { text: fmtInt(q.count) }),
+        el('td', { class: (w.inflight?.max ?? 0) > 1 ? 'hot' : null, 'data-testid': 'inflight-max',
+          text: w.inflight ? fmtInt(w.inflight.max) : '–' }));
     });
-    const head = el('tr', {}, ...['pid', 'accepts', 'p50', 'p99', 'max', 'samples'].map((h) => el('th', { text: h })));
+    const head = el('tr', {}, ...['pid', 'accepts', 'p50', 'p99', 'max', 'samples', 'in-flight max']
+      .map((h) => el('th', { text: h })));
     $('wait-table').replaceChildren(el('thead', {}, head), el('tbody', {}, ...rows));
   }
 
