@@ -48,9 +48,9 @@ def test_page_and_metrics_follow_a_real_server(tmp_path: Path) -> None:
                 page.wait_for("Number(document.querySelector('[data-testid=total]').dataset.value) > 0",
                               timeout=15)
                 first = json.loads(page.evaluate(PAGE_STATE))
-                browser.pump(2.5)
-                second = json.loads(page.evaluate(PAGE_STATE))
-                assert second["total"] > first["total"], "the page follows the load"
+                # The page follows the load (pushes come once a second; allow for a loaded machine).
+                page.wait_for(f"Number(document.querySelector('[data-testid=total]').dataset.value)"
+                              f" > {first['total']}", timeout=10)
                 if os.environ.get("ACCEPT_WATCH_UPDATE_DOCS"):
                     shot = page.screenshot(tmp_path / "dashboard.png", full_page=True)
                     shutil.copy(shot, DOCS / "dashboard.png")
