@@ -34,8 +34,8 @@ def gather_checks() -> list[Check]:
     btf = environment.BTF_PATH.exists()
     checks.append(Check("BTF", btf, str(environment.BTF_PATH) if btf else "no /sys/kernel/btf/vmlinux"))
     cfg = environment.kernel_config()
-    checks.append(_config_flag(cfg, "CONFIG_KPROBES"))
-    checks.append(_config_flag(cfg, "CONFIG_FPROBE"))
+    checks.append(_config_flag(cfg, "CONFIG_KPROBES"))  # kretprobe path
+    checks.append(_config_flag(cfg, "CONFIG_FTRACE_SYSCALLS"))  # the syscalls:* tracepoints
     lockdown = environment.lockdown_mode()
     checks.append(Check("lockdown", None, lockdown or "not available"))
     headers = environment.kernel_headers()
@@ -95,7 +95,7 @@ def run_doctor(argv: list[str]) -> int:
     else:
         for c in checks:
             mark = {True: "ok  ", False: "FAIL", None: "info"}[c.ok]
-            print(f"[{mark}] {c.name:<16} {c.detail}")
+            print(f"[{mark}] {c.name:<22} {c.detail}")
     usable = any(c.name == "auto would use" and c.ok for c in checks)
     if not usable:
         print("accept-watch doctor: no probe can be attached here", file=sys.stderr)

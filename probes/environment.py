@@ -104,6 +104,9 @@ def kernel_config() -> dict[str, str]:
 
 def lockdown_mode() -> str | None:
     path = Path("/sys/kernel/security/lockdown")
+    if not path.exists() and os.geteuid() == 0 and not _is_mounted(path.parent, "securityfs"):
+        # securityfs is often unmounted on minimal VMs; mounting it only exposes read-only state.
+        subprocess.run(["mount", "-t", "securityfs", "securityfs", str(path.parent)], capture_output=True)
     try:
         text = path.read_text()
     except OSError:

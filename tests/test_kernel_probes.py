@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -78,3 +79,21 @@ def test_program_uses_btf_offsets_not_headers(layout) -> None:
     # No kernel struct is named, so none can be laid out by (possibly foreign) headers.
     kernel_structs = r"struct (sock|sock_common|socket|task_struct|file|files_struct|fdtable|inode)\b"
     assert not re.search(kernel_structs, body)
+
+
+def test_doctor_reports_what_auto_would_use(layout) -> None:
+    from accept_watch.probes.kernel import AcceptProbes
+
+    from tests.watcher import run_cli
+
+    with AcceptProbes(layout) as probes:
+        chosen = probes.attach(None, pids=[], ports=[]).kind
+    proc = run_cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"auto would use +{chosen}\b", proc.stdout), proc.stdout
+    for check in ("privileges", "BTF", "CONFIG_KPROBES", "kernel headers", "BCC", "probe fexit",
+                  "probe kretprobe", "probe tracepoint", "ring buffer"):
+        assert check in proc.stdout, check
+    as_json = run_cli("doctor", "--json")
+    names = {c["name"]: c for c in json.loads(as_json.stdout)}
+    assert names["auto would use"]["ok"] and names["auto would use"]["detail"] == str(chosen)
