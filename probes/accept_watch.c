@@ -228,14 +228,13 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
     val->last_ns = now;
     if (backstop)
         __sync_fetch_and_add(&val->backstop, 1);
-    s64 held = __sync_fetch_and_add(&val->inflight, 1);
-    if (held > 0) {
+    // The fetching form of atomic add (using its result) needs kernel 5.12+: add, then read.
+    __sync_fetch_and_add(&val->inflight, 1);
+    s64 held = val->inflight;   // open connections including this one (racy read: fine for a max)
+    if (held > 1)
         __sync_fetch_and_add(&val->busy_accepts, 1);
-        if ((u64)held + 1 > val->inflight_max)
-            val->inflight_max = held + 1;
-    } else if (val->inflight_max == 0) {
-        val->inflight_max = 1;
-    }
+    if (held > 0 && (u64)held > val->inflight_max)
+        val->inflight_max = held;
     if (!wait_known)
         return;
     __sync_fetch_and_add(&val->wait_count, 1);
