@@ -17,6 +17,11 @@ test: setup
 lint: setup
 	@$(PY) -m ruff check .
 
+# Every probe path on stock Debian kernels (5.10, 6.1, 6.12) under QEMU; image cached in
+# ~/.cache/accept-watch/. Exit 3 = Debian/PyPI packages could not be fetched (not a test failure).
+kernel-matrix:
+	@python3 scripts/kernel-matrix/run_matrix.py $(KM_ARGS)
+
 bench: setup
 	@$(PY) -m accept_watch.daemon.bench
 

@@ -15,7 +15,6 @@
 #define AW_AF_INET 2
 #define AW_AF_INET6 10
 #define AW_IPPROTO_TCP 6
-#define AW_TCP_ESTABLISHED 1
 #define AW_TCP_SYN_RECV 3
 #define AW_TCP_FIN_WAIT1 4
 #define AW_TCP_CLOSE 7
@@ -444,9 +443,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accept_exit(args->ret); return 
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept_exit(args->ret); return 0; }
 
 // --- Accept-queue entry time, and when workers are done with connections --------------------
-// Why: a child socket moves SYN_RECV -> ESTABLISHED when the handshake's last ACK arrives,
-// which is the moment it is put on the listener's accept queue. Keyed by the child sock, the
-// same pointer accept returns, so accept time minus this is the time spent in the queue.
+// Why: a child socket is born (state SYN_RECV) when the handshake's last ACK arrives, the moment
+// it is put on the listener's accept queue. Keyed by the child sock, the same pointer accept
+// returns, so accept time minus this is the time spent in the queue.
 // The worker is done with an accepted connection when it closes or shuts it down
 // (ESTABLISHED/CLOSE_WAIT -> FIN_WAIT1/LAST_ACK) or the connection dies (-> CLOSE).
 static __always_inline void on_conn_done(u64 sk)
@@ -472,16 +471,22 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (args->protocol != AW_IPPROTO_TCP)
         return 0;
     int newstate = args->newstate;
+    u64 sk = (u64)args->skaddr;
     if (newstate == AW_TCP_FIN_WAIT1 || newstate == AW_TCP_LAST_ACK || newstate == AW_TCP_CLOSE) {
-        on_conn_done((u64)args->skaddr);
+        on_conn_done(sk);
+        if (newstate == AW_TCP_CLOSE)
+            queued_since.delete(&sk);   // reset before anyone accepted it
         return 0;
     }
-    if (args->oldstate != AW_TCP_SYN_RECV || newstate != AW_TCP_ESTABLISHED)
+    // The child socket is created in SYN_RECV when the handshake's last ACK arrives, and queued
+    // right after; its SYN_RECV->ESTABLISHED transition comes later still, so a worker spinning
+    // on accept() on another CPU can dequeue it first (seen in the kernel matrix). Stamping at
+    // creation cannot be overtaken. (With TCP Fast Open the child is queued at the SYN.)
+    if (newstate != AW_TCP_SYN_RECV)
         return 0;
     u16 sport = args->sport;
     if (!watched_ports.lookup(&sport))
         return 0;
-    u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     queued_since.update(&sk, &now);
     return 0;

@@ -25,6 +25,7 @@ def _assert_exact(doc: dict, truth: dict[int, int], n: int) -> None:
     assert doc["total_accepts"] == n
     assert doc["lost_events"] == 0
     assert doc["unattributed"] == 0
+    assert doc["diagnostics"]["wait_unknown"] == 0, "every connection's queue wait is measured"
     assert doc["schema"] == "accept-watch/1"
 
 
