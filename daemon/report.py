@@ -1,136 +1,438 @@
 """`accept-watch report FILE.json [--html OUT.html] [--json]`: the "why" of an export, without root.
 
 The analysis is recomputed from the export's counts and accept sequence (daemon/analysis.py), so a
-report always says what this version of accept-watch concludes; a differing verdict stored in the
-export is pointed out, not silently replaced.
+report always says what this version of accept-watch concludes; a stored verdict that differs is
+pointed out (one warning line on stderr), not silently replaced. How workers waited (epoll, accept...)
+cannot be re-measured from a file, so the wait modes stored in the export are fed back in.
+
+Bad input (missing file, not JSON, another schema, missing or mistyped keys) is one line on stderr and
+exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
+import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from . import analysis, terminal
-from .report_html import render_html
+from . import analysis
+from .report_html import flag_messages, fmt_p, fmt_span, render_html
+from .terminal import competing, fmt_duration, fmt_us
 
-REQUIRED_KEYS = ("master_pid", "probe", "total_accepts", "lost_events", "workers", "listeners")
+SCHEMA = "accept-watch/1"
+# Keys the daemon always writes and the report cannot do without.
+REQUIRED_KEYS = ("master_pid", "probe", "duration_s", "total_accepts", "lost_events", "unattributed",
+                 "workers", "listeners", "transitions")
+WORKER_KEYS = ("pid", "accepts", "share")
+LISTENER_KEYS = ("address", "port", "mode", "pids", "accepts", "queue_depth")
+INFLIGHT_KEYS = ("now", "max", "busy_accepts", "closed")
+PROG = "accept-watch report"
 
 
 class ReportError(Exception):
     """One-line reason the export cannot be reported on."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _fail(where: str, what: str) -> NoReturn:
+    raise ReportError(f"{where} {what}")
+
+
+def _need(obj: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        _fail(where, f"has no {', '.join(repr(k) for k in missing)}")
+
+
+def _count(obj: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> None:
+    """A non-negative integer (or None when optional)."""
+    v = obj.get(key)
+    if v is None and optional:
+        return
+    if not _is_int(v) or v < 0:
+        _fail(f"{where}.{key}", f"must be a non-negative integer, got {v!r}")
+
+
+def _check_worker(w: Any, where: str) -> None:
+    if not isinstance(w, dict):
+        _fail(where, f"must be an object, got {type(w).__name__}")
+    _need(w, WORKER_KEYS, where)
+    if not _is_int(w["pid"]) or w["pid"] < 1:
+        _fail(f"{where}.pid", f"must be a process id, got {w['pid']!r}")
+    _count(w, "accepts", where)
+    if not _is_num(w["share"]) or not 0 <= w["share"] <= 1:
+        _fail(f"{where}.share", f"must be a number in [0, 1], got {w['share']!r}")
+    if "alive" in w and not isinstance(w["alive"], bool):
+        _fail(f"{where}.alive", f"must be true or false, got {w['alive']!r}")
+    wait = w.get("queue_wait_us")
+    if wait is not None:
+        if not isinstance(wait, dict):
+            _fail(f"{where}.queue_wait_us", "must be an object")
+        for k in ("p50", "p99", "max", "mean"):
+            if wait.get(k) is not None and (not _is_num(wait[k]) or wait[k] < 0):
+                _fail(f"{where}.queue_wait_us.{k}", f"must be a non-negative number or null, got {wait[k]!r}")
+        _count(wait, "count", f"{where}.queue_wait_us", optional=True)
+    hist = w.get("queue_wait_hist")
+    if hist is not None:
+        if not isinstance(hist, list):
+            _fail(f"{where}.queue_wait_hist", "must be a list")
+        for j, b in enumerate(hist):
+            ok = (isinstance(b, list) and len(b) == 3 and all(_is_int(x) for x in b)
+                  and 0 <= b[0] < b[1] and b[2] >= 0)
+            if not ok:
+                _fail(f"{where}.queue_wait_hist[{j}]", f"must be [low_ns, high_ns, count], got {b!r}")
+    inf = w.get("inflight")
+    if inf is not None:
+        if not isinstance(inf, dict):
+            _fail(f"{where}.inflight", "must be an object or absent")
+        _need(inf, INFLIGHT_KEYS, f"{where}.inflight")
+        for k in INFLIGHT_KEYS:
+            _count(inf, k, f"{where}.inflight")
+        life = inf.get("life_ms")
+        if life is not None:
+            if not isinstance(life, dict):
+                _fail(f"{where}.inflight.life_ms", "must be an object")
+            for k in ("mean", "max"):
+                if life.get(k) is not None and not _is_num(life[k]):
+                    _fail(f"{where}.inflight.life_ms.{k}", f"must be a number or null, got {life[k]!r}")
+
+
+def _check_listener(lst: Any, where: str) -> None:
+    if not isinstance(lst, dict):
+        _fail(where, f"must be an object, got {type(lst).__name__}")
+    _need(lst, LISTENER_KEYS, where)
+    if not _is_int(lst["port"]) or not 0 <= lst["port"] < 65536:
+        _fail(f"{where}.port", f"must be a TCP port, got {lst['port']!r}")
+    if not isinstance(lst["pids"], list) or not all(_is_int(p) for p in lst["pids"]):
+        _fail(f"{where}.pids", "must be a list of process ids")
+    _count(lst, "accepts", where)
+    qd = lst["queue_depth"]
+    if not isinstance(qd, dict):
+        _fail(f"{where}.queue_depth", "must be an object")
+    for k in ("current", "max", "limit"):
+        _count(qd, k, f"{where}.queue_depth", optional=True)
+    hist = lst.get("depth_history")
+    if hist is not None:
+        if not isinstance(hist, list):
+            _fail(f"{where}.depth_history", "must be a list")
+        for j, p in enumerate(hist):
+            if not (isinstance(p, list) and len(p) == 2 and all(_is_num(x) for x in p)):
+                _fail(f"{where}.depth_history[{j}]", f"must be [seconds, depth], got {p!r}")
+
+
+def validate_export(doc: Any) -> None:
+    """Raise ReportError (one line, naming the offending key) unless `doc` is an accept-watch/1 export
+    with everything the report reads. The sequence data (transitions, rate_history) is checked by
+    analysis.analyze itself."""
+    if not isinstance(doc, dict):
+        raise ReportError(f"not an accept-watch export (a JSON object is expected, got {type(doc).__name__})")
+    if "schema" not in doc:
+        raise ReportError(f"no 'schema' key: not an accept-watch export (expected {SCHEMA!r})")
+    if doc["schema"] != SCHEMA:
+        raise ReportError(f"schema {doc['schema']!r} is not {SCHEMA!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    if missing:
+        raise ReportError(f"missing key(s) {', '.join(missing)}")
+    if not _is_int(doc["master_pid"]):
+        _fail("master_pid", f"must be a process id, got {doc['master_pid']!r}")
+    if not isinstance(doc["probe"], str):
+        _fail("probe", f"must be a string, got {doc['probe']!r}")
+    if not _is_num(doc["duration_s"]) or doc["duration_s"] < 0:
+        _fail("duration_s", f"must be a non-negative number, got {doc['duration_s']!r}")
+    for key in ("total_accepts", "lost_events", "unattributed"):
+        if not _is_int(doc[key]) or doc[key] < 0:
+            _fail(key, f"must be a non-negative integer, got {doc[key]!r}")
+    for key in ("master_cmdline", "probe_detail", "kernel", "started_at", "ended_at", "tool_version"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            _fail(key, f"must be a string, got {doc[key]!r}")
+    for key in ("workers", "listeners", "transitions"):
+        if not isinstance(doc[key], list):
+            _fail(key, f"must be a list, got {type(doc[key]).__name__}")
+    for i, w in enumerate(doc["workers"]):
+        _check_worker(w, f"workers[{i}]")
+    for i, lst in enumerate(doc["listeners"]):
+        _check_listener(lst, f"listeners[{i}]")
+    stored = doc.get("analysis")
+    if stored is not None and not isinstance(stored, dict):
+        _fail("analysis", f"must be an object, got {type(stored).__name__}")
+
+
 def load_export(path: Path) -> dict[str, Any]:
+    """Read and check an export; every failure is a ReportError naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ReportError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ReportError(f"{path}: is a directory") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not JSON (not UTF-8 text)") from None
     except OSError as exc:
-        raise ReportError(f"{path}: {exc.strerror}") from None
+        raise ReportError(f"{path}: {exc.strerror or exc}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(doc, dict):
-        raise ReportError(f"{path}: not an accept-watch export (a JSON object is expected)")
-    schema = doc.get("schema")
-    if schema != "accept-watch/1":
-        raise ReportError(f"{path}: schema {schema!r} is not 'accept-watch/1'")
-    missing = [k for k in REQUIRED_KEYS if k not in doc]
-    if missing:
-        raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
-    if not isinstance(doc["workers"], list) or not isinstance(doc["listeners"], list):
-        raise ReportError(f"{path}: 'workers' and 'listeners' must be lists")
+        raise ReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: not an accept-watch export (JSON nested too deeply)") from None
+    try:
+        validate_export(doc)
+    except ReportError as exc:
+        raise ReportError(f"{path}: {exc}") from None
     return doc
 
 
-def recompute(doc: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """The analysis of this export, and a warning when the stored verdict differs."""
+def recompute(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The analysis of this export, and a warning when the stored verdict differs from it."""
     stored = doc.get("analysis") or {}
-    wait_modes = {int(pid): wm for pid, wm in ((stored.get("wait_modes") or {}).get("by_pid") or {}).items()}
+    modes = stored.get("wait_modes")
+    by_pid = modes.get("by_pid") if isinstance(modes, dict) else None
+    if by_pid is not None and not isinstance(by_pid, dict):
+        raise ReportError("analysis.wait_modes.by_pid must be an object")
     try:
-        fresh = analysis.analyze(doc, wait_modes or None)
-    except ValueError as exc:
+        fresh = analysis.analyze(doc, by_pid or None)
+    except (ValueError, ArithmeticError) as exc:
         raise ReportError(f"cannot analyze the export: {exc}") from None
-    old = (stored.get("verdict") or {}).get("sentence")
-    new = (fresh.get("verdict") or {}).get("sentence")
+    old = stored.get("verdict") if isinstance(stored.get("verdict"), dict) else {}
+    new = fresh["verdict"]
     warning = None
-    if old and new and old != new:
-        warning = f"the export's stored verdict differs from this version's: {old!r}"
+    if old.get("sentence") and (old.get("sentence"), old.get("pattern")) != (new["sentence"], new["pattern"]):
+        warning = (f"the export's stored verdict differs from this version's; stored: "
+                   f"{old.get('pattern', '?')}: {' '.join(str(old['sentence']).split())}")
     return fresh, warning
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
+# ---------------------------------------------------------------------------------------------------
+# Terminal summary
+# ---------------------------------------------------------------------------------------------------
 
 
-def summary(doc: dict[str, Any], result: dict[str, Any], width: int = 100) -> str:
-    shown = dict(doc, analysis=result)
-    lines = [terminal.render(shown, width=width, max_workers=64, ansi=False), ""]
-    fair = result.get("fairness") or {}
-    lines.append(
-        "fairness: "
-        f"Jain {_fmt(fair.get('jain'))}  max/mean {_fmt(fair.get('max_mean_ratio'))}  "
-        f"CV {_fmt(fair.get('cv'))}  Gini {_fmt(fair.get('gini'))}  "
-        f"chi-square p {_fmt(fair.get('chi2_p'))} (even split)"
-    )
-    verdict = result.get("verdict") or {}
-    lines.append(f"verdict: {verdict.get('pattern', '?')} (confidence {verdict.get('confidence', '?')})")
-    inflight = [w for w in doc["workers"] if (w.get("inflight") or {}).get("max", 0) > 1]
-    for w in sorted(inflight, key=lambda w: -w["inflight"]["max"])[:8]:
-        inf = w["inflight"]
-        lines.append(f"in-flight: pid {w['pid']} held up to {inf['max']} connections, "
-                     f"{inf.get('busy_accepts', 0)} accepted while busy")
-    return "\n".join(lines)
+class _Style:
+    """Bold/red only on a terminal (and not with NO_COLOR); losses are also upper case with '!', so they
+    stand out in a pipe or a log too."""
+
+    def __init__(self, ansi: bool) -> None:
+        self.ansi = ansi
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.ansi else text
+
+    def bold(self, text: str) -> str:
+        return self(text, "1")
+
+    def loud(self, text: str) -> str:
+        return self(text, "1;97;41")
+
+    def warn(self, text: str) -> str:
+        return self(text, "33")
+
+
+def _wrap(text: str, width: int, indent: str) -> list[str]:
+    # No breaks at hyphens: "12.3-12.8 %" must stay whole (and greppable).
+    return textwrap.wrap(" ".join(text.split()), max(30, width), initial_indent=indent,
+                         subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def _f3(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else fmt_p(p)
+
+
+def _n(v: int | None) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def _share_bar(share: float, top: float, fair: float | None, width: int) -> str:
+    filled = round(share / top * width) if top > 0 else 0
+    cells = ["#"] * filled + ["."] * (width - filled)
+    if fair is not None and top > 0 and fair <= top:
+        cells[min(width - 1, int(fair / top * width))] = "|"
+    return "".join(cells)
+
+
+def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100, ansi: bool = False,
+            source: str | None = None) -> str:
+    """The terminal report: header, verdict, figures, flags, listeners, per-worker table."""
+    st = _Style(ansi)
+    width = max(60, width)
+    workers = sorted(doc["workers"], key=lambda w: w["pid"])
+    lost, unattributed, total = doc["lost_events"], doc["unattributed"], doc["total_accepts"]
+    out = [st.bold("accept-watch report") + (f"  {source}" if source else "")]
+    out += _wrap(f"master {doc['master_pid']}  {doc.get('master_cmdline') or ''}", width, "")
+    detail = f" ({doc['probe_detail']})" if doc.get("probe_detail") else ""
+    out += _wrap(f"probe {doc['probe']}{detail}  kernel {doc.get('kernel') or '?'}", width, "")
+    out.append(f"{'ran' if doc.get('ended_at') else 'running for'} {fmt_duration(doc['duration_s'])}  "
+               f"{fmt_span(doc.get('started_at'), doc.get('ended_at'), arrow='->')}")
+    lost_s = st.loud(f"LOST EVENTS {lost:,}!") if lost else "lost events 0"
+    un_s = st.loud(f"UNATTRIBUTED {unattributed:,}!") if unattributed else "unattributed 0"
+    out.append(st.bold(f"accepts {total:,}") + f"  {lost_s}  {un_s}")
+    if unattributed:
+        out.append(st.loud(f"!! {unattributed:,} accept(s) could not be attributed: "
+                           "the counts are not exact"))
+    if lost:
+        out.append(st.warn(f"!  {lost:,} per-connection event(s) were lost (ring buffer full); "
+                           "the counters stay exact"))
+
+    verdict = result["verdict"]
+    fair = result["fairness"]
+    out += ["", st.bold(f"verdict: {verdict['pattern']} ({verdict['confidence']} confidence)")]
+    out += [st.bold(line) for line in _wrap(verdict["sentence"], width - 2, "  ")]
+    df = f"df {fair['chi2_df']}, " if fair.get("chi2_df") else ""
+    out.append(f"fairness: Jain {_f3(fair.get('jain'))}  max/mean {_f3(fair.get('max_mean_ratio'))}  "
+               f"CV {_f3(fair.get('cv'))}  chi-square p {_p(fair.get('chi2_p'))} ({df}vs even split)  "
+               f"Gini {_f3(fair.get('gini'))}")
+    windows = [f"last {name[:-1]} s: Jain {_f3(win['jain'])}, max/mean {_f3(win.get('max_mean_ratio'))}"
+               for name, win in sorted((fair.get("windows") or {}).items())
+               if isinstance(win, dict) and win.get("jain") is not None]
+    if windows:
+        out.append("          " + "; ".join(windows))
+    modes = {m: c for m, c in (result.get("wait_modes") or {}).get("counts", {}).items() if m != "unknown"}
+    out.append("workers wait in: " + (", ".join(f"{m} ({c})" for m, c in sorted(modes.items()))
+                                      if modes else "not recorded in this export"))
+    for text in flag_messages(result):
+        out += [st.warn(line) for line in _wrap(f"! {text}", width, "  ")]
+
+    out += ["", st.bold(f"listeners ({len(doc['listeners'])})")]
+    for lst in doc["listeners"]:
+        qd = lst["queue_depth"]
+        addr = str(lst["address"])
+        endpoint = f"[{addr}]:{lst['port']}" if ":" in addr else f"{addr}:{lst['port']}"
+        near = qd.get("max") is not None and bool(qd.get("limit")) and qd["max"] >= 0.9 * qd["limit"]
+        queue = f"queue max {_n(qd.get('max'))} / limit {_n(qd.get('limit'))} (now {_n(qd.get('current'))})"
+        npids = len(lst["pids"])
+        out.append(f"  {endpoint}  {lst['mode']}  {npids} pid{'s' if npids != 1 else ''}  "
+                   f"accepts {lst['accepts']:,}  " + (st.loud(queue + "!") if near else queue))
+    if not doc["listeners"]:
+        out.append("  (none)")
+
+    n = competing(workers)
+    fair_share = 1 / n if n else None
+    with_inflight = any(isinstance(w.get("inflight"), dict) for w in workers)
+    out += ["", st.bold(f"workers ({len(workers)}; fair share "
+                        f"{'-' if fair_share is None else f'{fair_share * 100:.1f} %'})")]
+    head = (f"{'pid':>8} {'role':<6} {'accepts':>10} {'share':>7} {'wait p50':>8} {'p99':>8} {'max':>8} "
+            f"{'state':<6}")
+    if with_inflight:
+        head += f" {'in-flight':>9} {'busy acc.':>9}"
+    bar_w = min(30, width - len(head) - 2)
+    if bar_w >= 8:
+        head += "  share (| = fair)"
+    out.append(head)
+    top = max((w["share"] for w in workers), default=0.0)
+    for w in workers:
+        q = w.get("queue_wait_us") or {}
+        line = (f"{w['pid']:>8} {str(w.get('role', 'worker'))[:6]:<6} {w['accepts']:>10,} "
+                f"{w['share'] * 100:>6.1f}% {fmt_us(q.get('p50')):>8} {fmt_us(q.get('p99')):>8} "
+                f"{fmt_us(q.get('max')):>8} {'alive' if w.get('alive', True) else 'exited':<6}")
+        if with_inflight:
+            inf = w.get("inflight") if isinstance(w.get("inflight"), dict) else {}
+            line += f" {_n(inf.get('max')):>9} {_n(inf.get('busy_accepts')):>9}"
+        if bar_w >= 8:
+            line += "  " + _share_bar(w["share"], top, fair_share, bar_w)
+        out.append(line)
+    if not workers:
+        out.append("  (no workers)")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output path before any work is done (and before anything is printed)."""
+    if path.is_dir():
+        raise ReportError(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise ReportError(f"cannot write {path}: directory {path.parent} does not exist")
 
 
 def write_atomic(path: Path, text: str) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise ReportError(f"cannot write {path}: directory does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    """Temp file in the same directory, fsync, rename: a reader never sees half a report."""
+    check_output(path)
+    directory = path.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise ReportError(f"cannot write {path}: {exc.strerror}") from None
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like every other error of this command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Summarize an accept-watch export: verdict, fairness figures, "
+                "listeners, per-worker table. Needs no root.")
+    p.add_argument("export", type=Path, metavar="FILE.json",
+                   help="a JSON file written by accept-watch --export")
+    p.add_argument("--html", type=Path, metavar="OUT.html", help="also write a self-contained HTML report")
+    p.add_argument("--json", action="store_true", help="print the recomputed analysis as JSON instead")
+    return p
 
 
 def run_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="accept-watch report",
-        description="Summarize an accept-watch export: verdict, fairness figures, per-worker table.",
-    )
-    p.add_argument("export", type=Path, help="a JSON file written by accept-watch --export")
-    p.add_argument("--html", type=Path, metavar="OUT.html", help="also write a self-contained HTML report")
-    p.add_argument("--json", action="store_true", help="print the recomputed analysis as JSON")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
+        if args.html:
+            check_output(args.html)
         doc = load_export(args.export)
         result, warning = recompute(doc)
         if warning:
-            print(f"accept-watch report: warning: {warning}", file=sys.stderr)
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         if args.json:
-            print(json.dumps(result, indent=2, sort_keys=True))
+            try:
+                text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
+            except ValueError as exc:  # a NaN or infinity would not be JSON
+                raise ReportError(f"the analysis cannot be written as JSON: {exc}") from None
+            print(text)
         else:
-            print(summary(doc, result))
+            ansi = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            width = shutil.get_terminal_size((100, 24)).columns
+            print(summary(doc, result, width=width, ansi=ansi, source=str(args.export)))
         if args.html:
-            write_atomic(args.html, render_html(doc, result))
-            print(f"accept-watch report: HTML written to {args.html}", file=sys.stderr)
+            write_atomic(args.html, render_html(doc, result, [warning] if warning else []))
+            print(f"{PROG}: HTML report written to {args.html}", file=sys.stderr)
     except ReportError as exc:
-        print(f"accept-watch report: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     return 0

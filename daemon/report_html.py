@@ -1,241 +1,849 @@
-"""The HTML report: one self-contained file (inline CSS and SVG drawn here, no script, no URL)."""
+"""The HTML report: one self-contained page (inline CSS, SVG drawn here; no script, no URL of any kind).
+
+Every plot is an inline <svg class="plot" data-plot="..."> sized by a viewBox, so it scales with the
+page. Plots must stay readable from 1 to 256 workers: per-worker plots switch from labelled rows to
+columns in pid order (pid order matters: fork order is the order EPOLLEXCLUSIVE waiters register in),
+and the rate plot stacks the 8 busiest workers plus "others".
+
+Input is a document already checked by report.validate_export, plus the recomputed analysis.
+"""
 
 from __future__ import annotations
 
 import html
+import itertools
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-W, H = 760, 260  # plot size in px
-PAD_L, PAD_R, PAD_T, PAD_B = 56, 16, 22, 34
-TOP_N = 8
-COLORS = ["#2f6fdb", "#e0592a", "#2e9e5b", "#9a4fc2", "#c99a14", "#1b9aaa", "#d6457a", "#6b7bcf", "#888888"]
+from .analysis import INFLIGHT_BUSY_MIN, MATERIAL_SHARE
+from .terminal import competing, fmt_duration
+
+PLOT_W = 1000
+PAD_L, PAD_R, PAD_T, PAD_B = 70, 24, 28, 48
+TOP_N = 8  # series in the rate plot before the rest are summed as "others"
+ROWS_MAX = 64  # up to this many workers, the share plot has one labelled row per worker
+BINS_PER_DECADE = 10  # queue-wait histogram resolution on its log axis
+# Tableau 10: distinguishable when stacked, and in greyscale print.
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7")
+OTHERS = "#b9b3ad"
+BLUE, ORANGE, PALE, GREY, RED, INK, MUTED, GRID = (
+    "#4e79a7", "#e8772e", "#a9c1dc", "#c3c8cf", "#c62828", "#1d2430", "#5f6b7a", "#e6e9ee",
+)
 
 CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:820px;color:#1d2430;background:#fff}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px}
-.muted{color:#667} .loud{background:#c62828;color:#fff;padding:6px 10px;border-radius:4px}
-.verdict{font-size:16px;font-weight:600;background:#f3f6fb;padding:10px 12px;border-radius:6px}
-table{border-collapse:collapse;width:100%;font-size:13px} th,td{padding:3px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left} tr:nth-child(even){background:#f6f7f9}
-.figs span{display:inline-block;margin-right:18px} svg{display:block;margin:4px 0}
-.flag{color:#8a5a00}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2430;background:#f4f6f9}
+main{max-width:1080px;margin:0 auto;padding:24px 28px 40px;background:#fff;min-height:100vh}
+h1{font-size:22px;margin:0 0 2px}
+h2{font-size:17px;margin:30px 0 6px;padding-top:6px;border-top:1px solid #e6e9ee}
+code{font:12px/1.4 ui-monospace,"DejaVu Sans Mono",monospace;word-break:break-all}
+.muted{color:#5f6b7a} .small{font-size:12.5px}
+.cmd{margin:2px 0 10px;color:#5f6b7a}
+.tiles{display:flex;flex-wrap:wrap;gap:8px;margin:10px 0}
+.tile{border:1px solid #e1e5eb;border-radius:6px;padding:6px 12px;min-width:112px;background:#fafbfc}
+.tile b{display:block;font-size:19px;font-variant-numeric:tabular-nums}
+.tile span{font-size:12px;color:#5f6b7a}
+.tile.loud{background:#c62828;border-color:#c62828;color:#fff} .tile.loud span{color:#fde}
+.verdict{border-left:6px solid #4e79a7;background:#f2f6fb;padding:12px 16px;border-radius:4px;margin:16px 0}
+.verdict.concentrated,.verdict.single-acceptor{border-color:#e8772e;background:#fdf5ee}
+.verdict.not-enough-data{border-color:#9aa3ad;background:#f4f5f7}
+.verdict .sentence{font-size:16px;font-weight:600;margin:4px 0 0}
+.badge{display:inline-block;font-size:12px;font-weight:600;text-transform:uppercase;letter-spacing:.04em;
+ color:#5f6b7a}
+.figs{display:flex;flex-wrap:wrap;gap:6px 22px;margin:12px 0 4px}
+.figs div b{font-size:17px;font-variant-numeric:tabular-nums}
+.figs div span{display:block;font-size:11.5px;color:#5f6b7a}
+ul.flags{margin:10px 0 0;padding-left:20px} ul.flags li{color:#8a4b00;margin:3px 0}
+.warn{color:#8a4b00;font-weight:600}
+.loudline{background:#c62828;color:#fff;padding:8px 12px;border-radius:4px;font-weight:600}
+svg.plot{display:block;max-width:100%;height:auto;margin:6px 0 2px}
+.legend{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12.5px;margin:2px 0 6px}
+.sw{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:-1px}
+table{border-collapse:collapse;width:100%;font-size:13px;font-variant-numeric:tabular-nums}
+th,td{padding:3px 8px;text-align:right;white-space:nowrap} th{border-bottom:1px solid #cfd5dd;font-weight:600}
+th:first-child,td:first-child{text-align:left} tbody tr:nth-child(even){background:#f6f7f9}
+td.hot{color:#c62828;font-weight:600} tr.gone td{color:#8a93a0}
+.tablewrap{overflow-x:auto}
+footer{margin-top:28px;font-size:12px;color:#5f6b7a}
 """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------------
 
 
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
-def _num(v: Any, digits: int = 3) -> str:
-    if v is None:
+def _int(v: Any) -> str:
+    return "–" if v is None else f"{int(v):,}"
+
+
+def _fig(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value: underflow to 0 is shown as a bound, not as an impossible exact 0."""
+    if p is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return f"{v:,}" if isinstance(v, int) else _e(v)
+    if p == 0:
+        return "< 1e-300"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
 
 
-def _us(v: float | None) -> str:
-    if v is None:
+def fmt_ns(ns: float | None) -> str:
+    if ns is None:
         return "–"
-    if v >= 1000:
-        return f"{v / 1000:.3g} ms"
-    return f"{v:.3g} µs"
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if ns >= scale:
+            return f"{ns / scale:.3g} {unit}"
+    return f"{ns:.3g} ns"
 
 
-def _svg(body: list[str], height: int = H, label: str = "") -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
-            f'viewBox="0 0 {W} {height}" role="img" aria-label="{_e(label)}" font-size="11" '
-            f'font-family="system-ui,sans-serif">{"".join(body)}</svg>')
+def _us(us: float | None) -> str:
+    return "–" if us is None else fmt_ns(us * 1000)
 
 
-def share_bars(workers: list[dict[str, Any]]) -> str:
-    """Horizontal bars, one per worker (top 64 by accepts), with the fair-share line."""
-    shown = sorted(workers, key=lambda w: -int(w.get("accepts") or 0))[:64]
-    shown.sort(key=lambda w: int(w["pid"]))
-    competing = [w for w in workers if w.get("role") != "master" or w.get("accepts")]
-    fair = 1 / len(competing) if competing else 0
-    row = 16 if len(shown) <= 24 else 9
-    height = PAD_T + PAD_B + row * max(1, len(shown))
-    top = max([float(w.get("share") or 0) for w in shown] + [fair, 1e-9])
-    scale = (W - PAD_L - 150) / top
-    body: list[str] = []
-    for i, w in enumerate(shown):
-        y = PAD_T + i * row
-        share = float(w.get("share") or 0)
-        color = COLORS[0] if w.get("alive", True) else "#b8bec8"
-        body.append(f'<text x="{PAD_L - 6}" y="{y + row * 0.75:.1f}" text-anchor="end">{_e(w["pid"])}</text>')
-        body.append(f'<rect x="{PAD_L}" y="{y + 1}" width="{max(0.5, share * scale):.1f}" '
-                    f'height="{row - 3}" fill="{color}"/>')
-        if row >= 12:
-            body.append(f'<text x="{PAD_L + share * scale + 6:.1f}" y="{y + row * 0.75:.1f}">'
-                        f'{int(w.get("accepts") or 0):,} · {share * 100:.1f} %</text>')
+def _pct(x: float) -> str:
+    return f"{x * 100:.1f} %" if x >= 0.001 or x == 0 else f"{x * 100:.2g} %"
+
+
+def fmt_span(started: Any, ended: Any, arrow: str = "→") -> str:
+    """'2026-11-27 01:48:27 → 01:49:08 UTC' from the document's UTC ISO-8601 times."""
+    start = str(started)[:19].replace("T", " ") if started else "?"
+    if not ended:
+        return f"{start} UTC {arrow} still running"
+    end = str(ended)[:19].replace("T", " ")
+    return f"{start} {arrow} {end[11:] if end[:10] == start[:10] else end} UTC"
+
+
+def _tick_label(v: float) -> str:
+    return f"{round(v):,}" if abs(v - round(v)) < 1e-9 else f"{v:g}"
+
+
+def nice_ticks(vmax: float, target: int = 5, integer: bool = False) -> list[float]:
+    """0, step, 2*step ... up to the first tick >= vmax, with step 1, 2, 2.5 or 5 times a power of 10."""
+    vmax = vmax if vmax > 0 else 1.0
+    raw = vmax / target
+    mag = 10 ** math.floor(math.log10(raw))
+    mults = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = next(m * mag for m in mults if m * mag >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1.0, float(round(step)))
+    n = max(1, math.ceil(vmax / step - 1e-9))
+    return [round(i * step, 12) for i in range(n + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> list[tuple[float, bool]]:
+    """Ticks (value, labelled) on a log axis from lo to hi: every decade, plus 2 and 5 when the axis
+    spans few decades (labelled only when it spans at most two)."""
+    d0, d1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    span = d1 - d0
+    out: list[tuple[float, bool]] = []
+    for d in range(d0, d1 + 1):
+        for m in (1, 2, 5):
+            v = m * 10.0**d
+            if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9) and (m == 1 or span <= 4):
+                out.append((v, m == 1 or span <= 2))
+    return out
+
+
+def _label_every(n: int, room: int = 20) -> int:
+    """Label every k-th of n columns so that at most `room` labels are drawn."""
+    return max(1, math.ceil(n / room))
+
+
+# ---------------------------------------------------------------------------------------------------
+# SVG plumbing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _svg(kind: str, height: float, body: Iterable[str], label: str) -> str:
+    h = math.ceil(height)
+    return (
+        f'<svg class="plot" data-plot="{kind}" viewBox="0 0 {PLOT_W} {h}" width="{PLOT_W}" height="{h}" '
+        f'role="img" aria-label="{_e(label)}" font-family="system-ui,sans-serif" font-size="12" '
+        f'fill="{INK}"><title>{_e(label)}</title>{"".join(body)}</svg>'
+    )
+
+
+def _empty_svg(kind: str, label: str, message: str) -> str:
+    body = [
+        f'<rect x="0.5" y="0.5" width="{PLOT_W - 1}" height="69" fill="#fafbfc" stroke="{GRID}"/>',
+        f'<text x="{PLOT_W / 2}" y="40" text-anchor="middle" fill="{MUTED}">{_e(message)}</text>',
+    ]
+    return _svg(kind, 70, body, label)
+
+
+def _text(x: float, y: float, s: str, anchor: str = "start", **attrs: Any) -> str:
+    extra = "".join(f' {k.replace("_", "-")}="{_e(v)}"' for k, v in attrs.items())
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{_e(s)}</text>'
+
+
+def _line(x0: float, x1: float, y0: float, y1: float, color: str, dash: str | None, width: float) -> str:
+    d = f' stroke-dasharray="{dash}"' if dash else ""
+    return (f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y0:.1f}" y2="{y1:.1f}" stroke="{color}" '
+            f'stroke-width="{width}"{d}/>')
+
+
+def _hline(x0: float, x1: float, y: float, color: str = GRID, dash: str | None = None,
+           width: float = 1) -> str:
+    return _line(x0, x1, y, y, color, dash, width)
+
+
+def _vline(x: float, y0: float, y1: float, color: str = GRID, dash: str | None = None,
+           width: float = 1) -> str:
+    return _line(x, x, y0, y1, color, dash, width)
+
+
+def _rect(x: float, y: float, w: float, h: float, fill: str, title: str | None = None) -> str:
+    shape = f'x="{x:.2f}" y="{y:.2f}" width="{max(w, 0.0):.2f}" height="{max(h, 0.0):.2f}" fill="{fill}"'
+    return f"<rect {shape}><title>{_e(title)}</title></rect>" if title else f"<rect {shape}/>"
+
+
+class _Area:
+    """The plot area of one SVG: maps data to pixels for a linear or log10 y axis."""
+
+    def __init__(self, height: float, *, left: float = PAD_L, right: float = PAD_R, top: float = PAD_T,
+                 bottom: float = PAD_B) -> None:
+        self.height = height
+        self.x0, self.x1 = left, PLOT_W - right
+        self.y0, self.y1 = top, height - bottom  # y0 is the top edge
+
+    @property
+    def w(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def h(self) -> float:
+        return self.y1 - self.y0
+
+    def y_lin(self, v: float, vmax: float) -> float:
+        return self.y1 - self.h * (v / vmax if vmax > 0 else 0)
+
+    def y_grid(self, body: list[str], ticks: Sequence[float], fmt: Callable[[float], str],
+               label: str, label_y: float | None = None) -> None:
+        for v in ticks:
+            y = self.y_lin(v, ticks[-1])
+            body.append(_hline(self.x0, self.x1, y, GRID if v else "#9aa3ad"))
+            body.append(_text(self.x0 - 6, y + 4, fmt(v), "end", fill=MUTED))
+        body.append(_text(self.x0, self.y0 - 10 if label_y is None else label_y, label, fill=MUTED))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Share of accepts per worker
+# ---------------------------------------------------------------------------------------------------
+
+
+def _share_color(w: Mapping[str, Any], fair: float | None) -> str:
+    if not w.get("alive", True):
+        return GREY
+    share = float(w.get("share") or 0)
     if fair:
-        x = PAD_L + fair * scale
-        body.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{PAD_T - 4}" y2="{height - PAD_B + 4}" '
-                    f'stroke="#e0592a" stroke-dasharray="4 3"/>')
-        body.append(f'<text x="{x:.1f}" y="{height - PAD_B + 18}" text-anchor="middle" fill="#e0592a">'
-                    f'fair share {fair * 100:.1f} %</text>')
-    return _svg(body, height, "share of accepts per worker")
+        if share >= fair * (1 + MATERIAL_SHARE):
+            return ORANGE
+        if share <= fair * (1 - MATERIAL_SHARE):
+            return PALE
+    return BLUE
 
 
-def _axis(body: list[str], y_max: float, y_label: str) -> None:
-    for i in range(5):
-        v = y_max * i / 4
-        y = H - PAD_B - (H - PAD_T - PAD_B) * i / 4
-        body.append(f'<line x1="{PAD_L}" x2="{W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6eb"/>')
-        body.append(f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-    body.append(f'<text x="{PAD_L + 4}" y="{PAD_T - 2}" fill="#667">{_e(y_label)}</text>')
+def _worker_title(w: Mapping[str, Any]) -> str:
+    role = " (master)" if w.get("role") == "master" else ""
+    state = "" if w.get("alive", True) else ", exited"
+    share = _pct(float(w.get("share") or 0))
+    return f"pid {w['pid']}{role}: {int(w.get('accepts') or 0):,} accepts, {share}{state}"
 
 
-def rate_lines(doc: dict[str, Any]) -> str:
-    """Accepts/s per worker over time: the TOP_N busiest, the rest summed as 'others'."""
-    history = doc.get("rate_history") or []
-    if not history:
-        return "<p class='muted'>No rate history in this export.</p>"
+def share_plot(workers: Sequence[Mapping[str, Any]], fair: float | None) -> str:
+    label = "share of accepts per worker, with the fair share"
+    if not workers:
+        return _empty_svg("share", label, "No workers in this export.")
+    ws = sorted(workers, key=lambda w: int(w["pid"]))
+    top = max([float(w.get("share") or 0) for w in ws] + [fair or 0, 1e-9])
+    ticks = nice_ticks(min(top * 1.02, 1.0))  # a share never exceeds 100 %
+    if len(ws) <= ROWS_MAX:
+        return _share_rows(ws, fair, ticks, label)
+    return _share_columns(ws, fair, ticks, label)
+
+
+def _share_rows(ws: Sequence[Mapping[str, Any]], fair: float | None, ticks: list[float],
+                label: str) -> str:
+    n = len(ws)
+    row = max(10, min(26, int(560 / n)))
+    font = 12 if row >= 16 else 10 if row >= 12 else 9
+    area = _Area(PAD_T + 12 + row * n + 34, left=110, right=150, top=PAD_T + 12, bottom=34)
+    scale = area.w / ticks[-1]
+    body: list[str] = []
+    for v in ticks:
+        x = area.x0 + v * scale
+        body.append(_vline(x, area.y0 - 4, area.y1, GRID if v else "#9aa3ad"))
+        body.append(_text(x, area.y0 - 10, f"{_tick_label(v * 100)} %", "middle", fill=MUTED))
+    for i, w in enumerate(ws):
+        y = area.y0 + i * row
+        share = float(w.get("share") or 0)
+        mid = y + row / 2 + font * 0.35
+        name = f"{'master ' if w.get('role') == 'master' else ''}{w['pid']}"
+        body.append(_text(area.x0 - 8, mid, name, "end", font_size=font))
+        body.append(_rect(area.x0, y + row * 0.15, max(share * scale, 0.8), row * 0.7, _share_color(w, fair),
+                          _worker_title(w)))
+        body.append(_text(area.x0 + share * scale + 6, mid, f"{int(w.get('accepts') or 0):,} · {_pct(share)}",
+                          font_size=font, fill=MUTED))
+    if fair:
+        x = area.x0 + fair * scale
+        body.append(_vline(x, area.y0 - 4, area.y1 + 6, RED, "5 3", 1.5))
+        body.append(_text(x, area.y1 + 22, f"fair share {_pct(fair)}", "middle", fill=RED))
+    return _svg("share", area.height, body, label)
+
+
+def _share_columns(ws: Sequence[Mapping[str, Any]], fair: float | None, ticks: list[float],
+                   label: str) -> str:
+    n = len(ws)
+    area = _Area(320, top=PAD_T + 14)
+    body: list[str] = []
+    area.y_grid(body, ticks, lambda v: f"{_tick_label(v * 100)} %", "share of accepts")
+    cw = area.w / n
+    gap = 1 if cw >= 3 else 0
+    for i, w in enumerate(ws):
+        share = float(w.get("share") or 0)
+        y = area.y_lin(share, ticks[-1])
+        body.append(_rect(area.x0 + i * cw, y, cw - gap, area.y1 - y, _share_color(w, fair),
+                          _worker_title(w)))
+    # Name the busiest few, where the eye goes first.
+    busiest = sorted(range(n), key=lambda i: -float(ws[i].get("share") or 0))[:3]
+    for rank, i in enumerate(busiest):
+        share = float(ws[i].get("share") or 0)
+        if share <= 0:
+            continue
+        y = area.y_lin(share, ticks[-1]) - 4 - 12 * (rank % 2)
+        body.append(_text(area.x0 + (i + 0.5) * cw, y, str(ws[i]["pid"]), "middle", font_size=10))
+    k = _label_every(n, 10)
+    for i in range(0, n, k):
+        x = area.x0 + (i + 0.5) * cw
+        body.append(_vline(x, area.y1, area.y1 + 4, "#9aa3ad"))
+        body.append(_text(x, area.y1 + 16, str(ws[i]["pid"]), "middle", fill=MUTED, font_size=10))
+    body.append(_text(area.x1, area.y1 + 36, _in_pid_order(ws), "end", fill=MUTED))
+    if fair:
+        y = area.y_lin(fair, ticks[-1])
+        body.append(_hline(area.x0, area.x1, y, RED, "5 3", 1.5))
+        # Above the plot: over 256 columns, a label on the line would sit on the bars.
+        body.append(_text(area.x1, area.y0 - 10, f"- - - fair share {_pct(fair)}", "end", fill=RED))
+    return _svg("share", area.height, body, label)
+
+
+def share_legend(fair: float | None) -> str:
+    items = [(BLUE, f"within ±{MATERIAL_SHARE:.0%} of the fair share")] if fair else [(BLUE, "share")]
+    if fair:
+        items += [(ORANGE, f"≥ {MATERIAL_SHARE:.0%} above it"), (PALE, f"≥ {MATERIAL_SHARE:.0%} below it")]
+    items.append((GREY, "exited"))
+    return _legend(items)
+
+
+def _legend(items: Iterable[tuple[str, str]]) -> str:
+    spans = "".join(f'<span><i class="sw" style="background:{c}"></i>{_e(t)}</span>' for c, t in items)
+    return f'<div class="legend">{spans}</div>'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accepts per second over time
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bins(history: Sequence[Sequence[Any]]) -> list[tuple[float, float, dict[str, int]]]:
+    """(start, end, counts) per rate_history entry. Entries are stamped at the end of a bin of about a
+    second (the daemon closes a bin at its first map read after 0.9 s), so rates divide by each bin's
+    own length; the first bin starts at 0 unless the history was trimmed (then it gets a typical length)."""
+    entries = sorted(history, key=lambda e: e[0])
+    ends = [float(e[0]) for e in entries]
+    gaps = sorted(b - a for a, b in itertools.pairwise(ends) if b > a)
+    typical = gaps[len(gaps) // 2] if gaps else 1.0
+    out: list[tuple[float, float, dict[str, int]]] = []
+    prev: float | None = None
+    for t, (_, counts) in zip(ends, entries, strict=True):
+        start = (0.0 if 0 < t <= 3 * typical else t - typical) if prev is None else prev
+        if t > start:
+            out.append((start, t, {str(k): int(v) for k, v in counts.items()}))
+        prev = t
+    return out
+
+
+def rate_plot(history: Sequence[Sequence[Any]]) -> tuple[str, str]:
+    """Stacked accepts/s per worker (the TOP_N busiest in the history, the rest as 'others'); the
+    svg and its legend."""
+    label = "accepts per second, stacked by worker"
+    bins = _bins(history)
     totals: dict[str, int] = {}
-    for _, counts in history:
+    for _, _, counts in bins:
         for pid, c in counts.items():
             totals[pid] = totals.get(pid, 0) + c
-    top = sorted(totals, key=lambda p: -totals[p])[:TOP_N]
-    series = {pid: [(t, counts.get(pid, 0)) for t, counts in history] for pid in top}
-    if len(totals) > TOP_N:
-        series["others"] = [(t, sum(c for p, c in counts.items() if p not in top)) for t, counts in history]
-    t0, t1 = history[0][0], history[-1][0]
-    y_max = max([v for pts in series.values() for _, v in pts] + [1])
+    grand = sum(totals.values())
+    if not bins or grand == 0:
+        return _empty_svg("rate", label, "No accepts in the rate history of this export."), ""
+    top = sorted(totals, key=lambda p: (-totals[p], int(p)))[:TOP_N]
+    rest = [p for p in totals if p not in top]
+    series: list[tuple[str, str, list[float]]] = []
+    for i, pid in enumerate(top):
+        series.append((pid, PALETTE[i], [c.get(pid, 0) / (b - a) for a, b, c in bins]))
+    if rest:
+        series.append((f"{len(rest)} others", OTHERS,
+                       [sum(c.get(p, 0) for p in rest) / (b - a) for a, b, c in bins]))
+    stacked_max = max(sum(s[2][i] for s in series) for i in range(len(bins)))
+    yt = nice_ticks(stacked_max)
+    t0, t1 = bins[0][0], bins[-1][1]
+    xt = [v for v in nice_ticks(t1, 8) if v >= t0 - 1e-9]
+    area = _Area(300)
     body: list[str] = []
-    _axis(body, y_max, "accepts/s")
+    area.y_grid(body, yt, _tick_label, "accepts/s")
 
-    def xy(t: float, v: float) -> str:
-        x = PAD_L + (W - PAD_L - PAD_R) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.5)
-        y = H - PAD_B - (H - PAD_T - PAD_B) * v / y_max
-        return f"{x:.1f},{y:.1f}"
+    def x(t: float) -> float:
+        return area.x0 + area.w * (t - t0) / (t1 - t0)
 
-    legend = []
-    for i, (name, pts) in enumerate(series.items()):
-        color = COLORS[min(i, len(COLORS) - 1)] if name != "others" else COLORS[-1]
-        body.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" '
-                    f'points="{" ".join(xy(t, v) for t, v in pts)}"/>')
-        legend.append(f'<span style="color:{color}">■</span> {_e(name)}')
-    body.append(f'<text x="{PAD_L}" y="{H - 8}">{t0:.0f} s</text>')
-    body.append(f'<text x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{t1:.0f} s since start</text>')
-    return _svg(body, H, "accepts per second per worker") + f"<p class='figs'>{' &nbsp; '.join(legend)}</p>"
+    for v in xt:
+        if v <= t1 + 1e-9:
+            body.append(_vline(x(v), area.y1, area.y1 + 4, "#9aa3ad"))
+            body.append(_text(x(v), area.y1 + 17, f"{_tick_label(v)}", "middle", fill=MUTED))
+    body.append(_text(area.x1, area.y1 + 36, "seconds since start", "end", fill=MUTED))
+    base = [0.0] * len(bins)
+    for _name, color, rates in series:
+        upper = [b + r for b, r in zip(base, rates, strict=True)]
+        pts = []
+        for (a, b, _), u in zip(bins, upper, strict=True):
+            pts += [f"{x(a):.1f},{area.y_lin(u, yt[-1]):.1f}", f"{x(b):.1f},{area.y_lin(u, yt[-1]):.1f}"]
+        for (a, b, _), lo in zip(reversed(bins), reversed(base), strict=True):
+            pts += [f"{x(b):.1f},{area.y_lin(lo, yt[-1]):.1f}", f"{x(a):.1f},{area.y_lin(lo, yt[-1]):.1f}"]
+        body.append(f'<polygon points="{" ".join(pts)}" fill="{color}" stroke="{color}" stroke-width="0.5"/>')
+        base = upper
+    # Legend: each series' share of the accepts plotted (not of the whole run: history is bounded).
+    widths = [b - a for a, b, _ in bins]
+    legend = _legend(
+        (color, f"{name} · {_pct(sum(r * w for r, w in zip(rates, widths, strict=True)) / grand)}")
+        for name, color, rates in series
+    )
+    return _svg("rate", area.height, body, label), legend
 
 
-def wait_histogram(workers: list[dict[str, Any]]) -> str:
-    """Queue-wait distribution of all workers, on a log-scaled time axis (one bar per power of 2)."""
-    merged: dict[int, int] = {}
+# ---------------------------------------------------------------------------------------------------
+# Queue wait
+# ---------------------------------------------------------------------------------------------------
+
+
+def merged_wait_buckets(workers: Iterable[Mapping[str, Any]]) -> dict[tuple[int, int], int]:
+    merged: dict[tuple[int, int], int] = {}
     for w in workers:
         for low, high, count in w.get("queue_wait_hist") or []:
-            k = int(2 * math.log2(max(1, (low + high) / 2)))  # half-octave bins
-            merged[k] = merged.get(k, 0) + int(count)
-    if not merged:
-        return "<p class='muted'>No queue-wait samples in this export.</p>"
-    k0, k1 = min(merged), max(merged)
-    n = k1 - k0 + 1
-    y_max = max(merged.values())
-    bw = (W - PAD_L - PAD_R) / n
+            merged[(int(low), int(high))] = merged.get((int(low), int(high)), 0) + int(count)
+    return {k: c for k, c in merged.items() if c > 0}
+
+
+def bucket_percentile(buckets: Mapping[tuple[int, int], int], q: float) -> float | None:
+    """Nearest-rank percentile at the bucket midpoint (as probes.histogram.percentile), in ns."""
+    total = sum(buckets.values())
+    if total <= 0:
+        return None
+    rank = max(1, math.ceil(total * q / 100))
+    seen = 0
+    for low, high in sorted(buckets):
+        seen += buckets[(low, high)]
+        if seen >= rank:
+            break
+    return (low + high - 1) / 2 if high - low > 1 else float(low)
+
+
+def log_bins(buckets: Mapping[tuple[int, int], int]) -> dict[int, float]:
+    """Re-bin [low, high) ns buckets into fixed 1/BINS_PER_DECADE-decade bins (k -> count).
+
+    The log-linear buckets get narrower in log space within each power of two; drawn as they are,
+    their heights would not be comparable. Each bucket's count is spread over the fixed bins in
+    proportion to the log-width they share (values below 1 ns are put at 1 ns)."""
+    out: dict[int, float] = {}
+    for (low, high), count in buckets.items():
+        a = math.log10(max(low, 1)) * BINS_PER_DECADE
+        b = math.log10(max(high, max(low, 1) * 1.0001)) * BINS_PER_DECADE
+        k = math.floor(a)
+        while k < b:
+            part = (min(b, k + 1) - max(a, k)) / (b - a)
+            out[k] = out.get(k, 0.0) + count * part
+            k += 1
+    return out
+
+
+def wait_histogram(workers: Sequence[Mapping[str, Any]]) -> str:
+    label = "time in the accept queue, all workers (log time axis)"
+    buckets = merged_wait_buckets(workers)
+    if not buckets:
+        return _empty_svg("wait-hist", label, "No queue-wait samples in this export.")
+    bins = log_bins(buckets)
+    k0, k1 = min(bins), max(bins) + 1
+    lo, hi = 10 ** (k0 / BINS_PER_DECADE), 10 ** (k1 / BINS_PER_DECADE)
+    # Whole decades at both ends when that does not more than double the axis: ticks land on 1, 10, 100.
+    dlo, dhi = 10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi) - 1e-9)
+    if math.log10(dhi / dlo) <= 2 * math.log10(hi / lo) + 0.5:
+        lo, hi = dlo, dhi
+    # A band above the plot for the percentile labels, so that they never sit on a bar.
+    area = _Area(330, top=58)
+    yt = nice_ticks(max(bins.values()))
     body: list[str] = []
-    _axis(body, y_max, "connections")
-    for i, k in enumerate(range(k0, k1 + 1)):
-        c = merged.get(k, 0)
-        h = (H - PAD_T - PAD_B) * c / y_max
-        x = PAD_L + i * bw
-        body.append(f'<rect x="{x + 1:.1f}" y="{H - PAD_B - h:.1f}" width="{max(1, bw - 2):.1f}" '
-                    f'height="{h:.1f}" fill="{COLORS[0]}">'
-                    f'<title>{_us(2 ** (k / 2) / 1000)}: {c}</title></rect>')
-        if i % max(1, n // 8) == 0:
-            body.append(f'<text x="{x + bw / 2:.1f}" y="{H - PAD_B + 14}" text-anchor="middle">'
-                        f'{_us(2 ** (k / 2) / 1000)}</text>')
-    return _svg(body, H, "accept-queue wait distribution")
+    area.y_grid(body, yt, _tick_label, f"connections per 1/{BINS_PER_DECADE} decade", label_y=14)
+    span = math.log10(hi) - math.log10(lo)
+
+    def x(ns: float) -> float:
+        return area.x0 + area.w * (math.log10(ns) - math.log10(lo)) / span
+
+    for v, labelled in log_ticks(lo, hi):
+        body.append(_vline(x(v), area.y1, area.y1 + (5 if labelled else 3), "#9aa3ad"))
+        if labelled:
+            body.append(_text(x(v), area.y1 + 18, fmt_ns(v), "middle", fill=MUTED))
+    for k, c in sorted(bins.items()):
+        a, b = 10 ** (k / BINS_PER_DECADE), 10 ** ((k + 1) / BINS_PER_DECADE)
+        y = area.y_lin(c, yt[-1])
+        body.append(_rect(x(a) + 0.5, y, x(b) - x(a) - 1, area.y1 - y, BLUE,
+                          f"{fmt_ns(a)} – {fmt_ns(b)}: {c:,.0f} connection(s)"))
+    for q, color, label_y in ((50, INK, area.y0 - 24), (99, RED, area.y0 - 6)):
+        v = bucket_percentile(buckets, q)
+        if v is not None and v > 0:
+            xv = min(max(x(max(v, lo)), area.x0), area.x1)
+            body.append(_vline(xv, label_y - 10, area.y1, color, "4 3", 1.5))
+            anchor = "end" if xv > area.x1 - 120 else "start"
+            body.append(_text(xv + (-5 if anchor == "end" else 5), label_y, f"p{q} {fmt_ns(v)}",
+                              anchor, fill=color, font_weight="600"))
+    body.append(_text(area.x1, area.y1 + 38, "handshake done → accept() returned", "end", fill=MUTED))
+    return _svg("wait-hist", area.height, body, label)
 
 
-def inflight_bars(workers: list[dict[str, Any]]) -> str:
-    rows = [w for w in workers if w.get("inflight")]
-    if not rows:
-        return "<p class='muted'>No in-flight data in this export.</p>"
-    rows = sorted(rows, key=lambda w: -int(w["inflight"].get("max") or 0))[:32]
-    y_max = max([int(w["inflight"].get("max") or 0) for w in rows] + [1])
-    bw = (W - PAD_L - PAD_R) / len(rows)
-    body: list[str] = []
-    _axis(body, y_max, "max open connections")
-    for i, w in enumerate(rows):
-        m = int(w["inflight"].get("max") or 0)
-        h = (H - PAD_T - PAD_B) * m / y_max
-        x = PAD_L + i * bw
-        color = "#c62828" if m > 1 else COLORS[0]
-        body.append(f'<rect x="{x + 2:.1f}" y="{H - PAD_B - h:.1f}" width="{max(1, bw - 4):.1f}" '
-                    f'height="{h:.1f}" fill="{color}"/>')
-        if len(rows) <= 16:
-            body.append(f'<text x="{x + bw / 2:.1f}" y="{H - PAD_B + 14}" text-anchor="middle">'
-                        f'{_e(w["pid"])}</text>')
-    return _svg(body, H, "in-flight connections per worker")
+def _in_pid_order(ws: Sequence[Mapping[str, Any]]) -> str:
+    masters = sum(1 for w in ws if w.get("role") == "master")
+    n = len(ws) - masters
+    return f"{n} worker{'s' if n != 1 else ''}{' and the master' if masters else ''}, in pid order"
 
 
-def _worker_table(workers: list[dict[str, Any]]) -> str:
-    head = ("<tr><th>pid</th><th>accepts</th><th>share</th><th>wait p50</th><th>p99</th><th>max</th>"
-            "<th>in-flight max</th><th>busy accepts</th><th>state</th></tr>")
+def _pid_axis(body: list[str], area: _Area, ws: Sequence[Mapping[str, Any]], room: int = 20) -> None:
+    n = len(ws)
+    cw = area.w / n
+    k = _label_every(n, room)
+    for i in range(0, n, k):
+        x = area.x0 + (i + 0.5) * cw
+        body.append(_vline(x, area.y1, area.y1 + 4, "#9aa3ad"))
+        body.append(_text(x, area.y1 + 16, str(ws[i]["pid"]), "middle", fill=MUTED,
+                          font_size=10 if n > 12 else 12))
+    body.append(_text(area.x1, area.y1 + 36, _in_pid_order(ws), "end", fill=MUTED))
+
+
+def wait_per_worker(workers: Sequence[Mapping[str, Any]]) -> str:
+    """p50-p99 range per worker on a log axis, with p50 (dot), p99 (bar) and max (small ring)."""
+    label = "queue wait per worker: p50, p99 and max (log axis)"
     rows = []
-    for w in sorted(workers, key=lambda w: int(w["pid"]))[:256]:
+    for w in sorted(workers, key=lambda w: int(w["pid"])):
         q = w.get("queue_wait_us") or {}
-        inf = w.get("inflight") or {}
-        rows.append(
-            f"<tr><td>{_e(w['pid'])}</td><td>{_num(int(w.get('accepts') or 0))}</td>"
-            f"<td>{float(w.get('share') or 0) * 100:.1f} %</td><td>{_us(q.get('p50'))}</td>"
-            f"<td>{_us(q.get('p99'))}</td><td>{_us(q.get('max'))}</td><td>{_num(inf.get('max'))}</td>"
-            f"<td>{_num(inf.get('busy_accepts'))}</td>"
-            f"<td>{'alive' if w.get('alive', True) else 'exited'}"
-            f"{' (master)' if w.get('role') == 'master' else ''}</td></tr>")
-    more = f"<p class='muted'>… {len(workers) - 256} more workers</p>" if len(workers) > 256 else ""
-    return f"<table>{head}{''.join(rows)}</table>{more}"
+        if q.get("p50") is not None and q.get("p99") is not None:
+            rows.append((w, float(q["p50"]) * 1000, float(q["p99"]) * 1000,
+                         float(q["max"]) * 1000 if q.get("max") is not None else None, q.get("count")))
+    if not rows:
+        return _empty_svg("wait-workers", label, "No per-worker queue-wait percentiles in this export.")
+    values = [v for _, p50, p99, mx, _ in rows for v in (p50, p99, mx) if v is not None and v > 0] or [1.0]
+    lo = 10 ** math.floor(math.log10(min(values)))
+    hi = 10 ** math.ceil(math.log10(max(values)) + 1e-9)
+    area = _Area(280)
+    span = math.log10(hi / lo)
+
+    def y(ns: float) -> float:
+        return area.y1 - area.h * (math.log10(max(ns, lo)) - math.log10(lo)) / span
+
+    body: list[str] = []
+    for v, labelled in log_ticks(lo, hi):
+        body.append(_hline(area.x0, area.x1, y(v), GRID if labelled else "#f1f3f6"))
+        if labelled:
+            body.append(_text(area.x0 - 6, y(v) + 4, fmt_ns(v), "end", fill=MUTED))
+    body.append(_text(area.x0, area.y0 - 10, "time in the accept queue", fill=MUTED))
+    n = len(rows)
+    cw = area.w / n
+    r = max(1.6, min(4.5, cw * 0.28))
+    for i, (w, p50, p99, mx, count) in enumerate(rows):
+        cx = area.x0 + (i + 0.5) * cw
+        tip = (f"pid {w['pid']}: p50 {fmt_ns(p50)}, p99 {fmt_ns(p99)}, max {fmt_ns(mx)}"
+               f"{f', {int(count):,} samples' if count is not None else ''}")
+        parts = [_vline(cx, y(p99), y(p50), PALE, width=max(1.0, min(6.0, cw * 0.35)))]
+        if mx is not None:
+            parts.append(f'<circle cx="{cx:.1f}" cy="{y(mx):.1f}" r="{r * 0.8:.1f}" fill="none" '
+                         f'stroke="{MUTED}" stroke-width="1"/>')
+        half = max(1.0, min(7.0, cw * 0.35))
+        parts.append(f'<line x1="{cx - half:.1f}" x2="{cx + half:.1f}" y1="{y(p99):.1f}" y2="{y(p99):.1f}" '
+                     f'stroke="{RED}" stroke-width="2"/>')
+        parts.append(f'<circle cx="{cx:.1f}" cy="{y(p50):.1f}" r="{r:.1f}" fill="{BLUE}"/>')
+        body.append(f"<g><title>{_e(tip)}</title>{''.join(parts)}</g>")
+    _pid_axis(body, area, [w for w, *_ in rows])
+    return _svg("wait-workers", area.height, body, label)
 
 
-def _listener_table(listeners: list[dict[str, Any]]) -> str:
+def wait_legend() -> str:
+    return _legend([(BLUE, "p50 (dot)"), (RED, "p99 (bar)"), (MUTED, "max (ring)")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-flight connections
+# ---------------------------------------------------------------------------------------------------
+
+
+def _flagged_inflight(inf: Mapping[str, Any]) -> bool:
+    # The same rule as analysis._inflight_flags: accepting while busy, repeatedly.
+    return int(inf.get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN and int(inf.get("max") or 0) > 1
+
+
+def inflight_plot(workers: Sequence[Mapping[str, Any]]) -> str | None:
+    """Most connections each worker held at once (None when the export has no in-flight data)."""
+    rows = sorted((w for w in workers if isinstance(w.get("inflight"), dict)), key=lambda w: int(w["pid"]))
+    if not rows:
+        return None
+    label = "most connections held at once per worker (accepted, not yet closed)"
+    maxes = [int(w["inflight"].get("max") or 0) for w in rows]
+    yt = nice_ticks(max([*maxes, 2]), integer=True)
+    area = _Area(260)
+    body: list[str] = []
+    area.y_grid(body, yt, _tick_label, "max in-flight connections")
+    n = len(rows)
+    cw = area.w / n
+    gap = min(8.0, cw * 0.2) if cw >= 3 else 0
+    for i, (w, m) in enumerate(zip(rows, maxes, strict=True)):
+        inf = w["inflight"]
+        y = area.y_lin(m, yt[-1])
+        life = inf.get("life_ms") or {}
+        tip = (f"pid {w['pid']}: up to {m} at once, {int(inf.get('busy_accepts') or 0):,} accepted while "
+               f"busy, {int(inf.get('now') or 0)} open at the end, {int(inf.get('closed') or 0):,} closed, "
+               f"mean life {_fig(life.get('mean'))} ms")
+        bw = min(cw - gap, 56.0)  # one or two workers: a bar, not a wall
+        body.append(_rect(area.x0 + (i + 0.5) * cw - bw / 2, y, bw, area.y1 - y,
+                          RED if _flagged_inflight(inf) else BLUE, tip))
+        if n <= 32 and m > 0:
+            body.append(_text(area.x0 + (i + 0.5) * cw, y - 4, str(m), "middle", font_size=11, fill=MUTED))
+    body.append(_hline(area.x0, area.x1, area.y_lin(1, yt[-1]), INK, "5 3", 1.2))
+    _pid_axis(body, area, rows)
+    return _svg("inflight", area.height, body, label)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------
+
+
+def _spark(points: Sequence[Sequence[float]], limit: int | None) -> str:
+    """Accept-queue depth over time, 160x28, scaled to its own maximum."""
+    if len(points) < 2:
+        return "<span class='muted'>–</span>"
+    w, h = 160, 28
+    t0, t1 = float(points[0][0]), float(points[-1][0])
+    top = max(max(float(p[1]) for p in points), 1.0)
+    pts = " ".join(
+        f"{(float(t) - t0) / (t1 - t0 or 1) * (w - 2) + 1:.1f},{h - 2 - float(d) / top * (h - 4):.1f}"
+        for t, d in points
+    )
+    of = f" of a {limit:,} limit" if limit else ""
+    return (f'<svg class="spark" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+            f'aria-label="queue depth over time"><title>queue depth over time, peak {top:g}{of}</title>'
+            f'<polyline points="{pts}" fill="none" stroke="{BLUE}" stroke-width="1.3"/></svg>')
+
+
+def listener_table(listeners: Sequence[Mapping[str, Any]]) -> str:
+    if not listeners:
+        return "<p class='muted'>No listening sockets in this export.</p>"
     rows = []
     for lst in listeners:
         q = lst.get("queue_depth") or {}
-        rows.append(f"<tr><td>{_e(lst.get('address'))}:{_e(lst.get('port'))}</td>"
-                    f"<td>{_e(lst.get('mode'))}</td>"
-                    f"<td>{len(lst.get('pids') or [])}</td><td>{_num(lst.get('accepts'))}</td>"
-                    f"<td>{_num(q.get('max'))}</td><td>{_num(q.get('limit'))}</td></tr>")
-    return ("<table><tr><th>listener</th><th>mode</th><th>processes</th><th>accepts</th>"
-            f"<th>queue max</th><th>limit</th></tr>{''.join(rows)}</table>")
+        mx, limit = q.get("max"), q.get("limit")
+        near = mx is not None and bool(limit) and mx >= 0.9 * limit
+        addr = str(lst.get("address", "?"))
+        endpoint = f"[{addr}]:{lst.get('port')}" if ":" in addr else f"{addr}:{lst.get('port')}"
+        closed = "" if lst.get("open", True) else " (closed)"
+        rows.append(
+            f"<tr><td>{_e(endpoint)}{closed}</td><td>{_e(lst.get('family', ''))}</td>"
+            f"<td>{_e(lst.get('mode'))}</td><td>{len(lst.get('pids') or [])}</td>"
+            f"<td>{_int(lst.get('accepts'))}</td>"
+            f"<td>{_int(q.get('current'))}</td><td{' class=hot' if near else ''}>{_int(mx)}</td>"
+            f"<td>{_int(limit)}</td><td>{_spark(lst.get('depth_history') or [], limit)}</td></tr>"
+        )
+    head = ("<tr><th>listener</th><th>family</th><th>mode</th><th>processes</th><th>accepts</th>"
+            "<th>queue now</th><th>queue max</th><th>limit</th><th>queue depth over time</th></tr>")
+    return f"<div class='tablewrap'><table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table></div>"
 
 
-def render_html(doc: dict[str, Any], result: dict[str, Any]) -> str:
-    workers = doc.get("workers") or []
+def worker_table(workers: Sequence[Mapping[str, Any]], fair: float | None) -> str:
+    if not workers:
+        return "<p class='muted'>No workers in this export.</p>"
+    with_inflight = any(isinstance(w.get("inflight"), dict) for w in workers)
+    top = max(float(w.get("share") or 0) for w in workers) or 1.0
+    rows = []
+    for w in sorted(workers, key=lambda w: int(w["pid"])):
+        q = w.get("queue_wait_us") or {}
+        share = float(w.get("share") or 0)
+        # The share cell carries its own bar (a CSS gradient: no image, no script).
+        pct = share / top * 100
+        bar = f"background:linear-gradient(90deg,#dbe6f3 {pct:.1f}%,transparent {pct:.1f}%)"
+        hot = fair is not None and share >= fair * (1 + MATERIAL_SHARE)
+        cells = [
+            f"<td>{_e(w['pid'])}</td><td>{_e(w.get('role', 'worker'))}</td>"
+            f"<td>{_int(w.get('accepts'))}</td>"
+            f"<td style='{bar}'{' class=hot' if hot else ''}>{_pct(share)}</td>",
+            f"<td>{_us(q.get('p50'))}</td><td>{_us(q.get('p99'))}</td><td>{_us(q.get('max'))}</td>",
+        ]
+        if with_inflight:
+            inf = w.get("inflight") if isinstance(w.get("inflight"), dict) else {}
+            mean_life = (inf.get("life_ms") or {}).get("mean")
+            flagged = bool(inf) and _flagged_inflight(inf)
+            cells.append(
+                f"<td{' class=hot' if flagged else ''}>{_int(inf.get('max'))}</td>"
+                f"<td>{_int(inf.get('busy_accepts'))}</td>"
+                f"<td>{'–' if mean_life is None else f'{mean_life:.3g} ms'}</td>"
+            )
+        cells.append(f"<td>{'alive' if w.get('alive', True) else 'exited'}</td>")
+        rows.append(f"<tr{'' if w.get('alive', True) else ' class=gone'}>{''.join(cells)}</tr>")
+    head = ("<tr><th>pid</th><th>role</th><th>accepts</th><th>share</th><th>wait p50</th><th>p99</th>"
+            "<th>max</th>")
+    if with_inflight:
+        head += "<th>in-flight max</th><th>busy accepts</th><th>conn. life</th>"
+    head += "<th>state</th></tr>"
+    return f"<div class='tablewrap'><table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table></div>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tile(value: str, caption: str, loud: bool = False) -> str:
+    return f"<div class='tile{' loud' if loud else ''}'><b>{_e(value)}</b><span>{_e(caption)}</span></div>"
+
+
+def _figures(fair: Mapping[str, Any]) -> str:
+    df = fair.get("chi2_df")
+    figs = [
+        (_fig(fair.get("jain")), "Jain's index (1 = even)"),
+        (_fig(fair.get("max_mean_ratio")), "max / mean (1 = even)"),
+        (_fig(fair.get("cv")), "coeff. of variation (0 = even)"),
+        (fmt_p(fair.get("chi2_p")), f"chi-square p vs even split{f' (df {df})' if df else ''}"),
+        (_fig(fair.get("gini")), "Gini (0 = even)"),
+    ]
+    out = "".join(f"<div><b>{_e(v)}</b><span>{_e(c)}</span></div>" for v, c in figs)
+    windows = []
+    for name, win in sorted((fair.get("windows") or {}).items()):
+        if isinstance(win, dict) and win.get("jain") is not None:
+            windows.append(f"last {name[:-1]} s: Jain {_fig(win['jain'])}, "
+                           f"max/mean {_fig(win.get('max_mean_ratio'))}, p {fmt_p(win.get('chi2_p'))} "
+                           f"({_int(win.get('accepts'))} accepts)")
+    extra = f"<p class='small muted'>{_e(' · '.join(windows))}</p>" if windows else ""
+    return f"<div class='figs'>{out}</div>{extra}"
+
+
+def render_html(doc: Mapping[str, Any], result: Mapping[str, Any], warnings: Sequence[str] = ()) -> str:
+    """The whole page as one string."""
+    workers = list(doc.get("workers") or [])
+    listeners = list(doc.get("listeners") or [])
     verdict = result.get("verdict") or {}
-    fair = result.get("fairness") or {}
-    losses = int(doc.get("lost_events") or 0) + int(doc.get("unattributed") or 0)
-    loss_line = (f"<p class='loud'>{_num(doc.get('unattributed'))} connection(s) unattributed, "
-                 f"{_num(doc.get('lost_events'))} per-connection event(s) lost</p>") if losses else ""
-    flags = "".join(f"<li class='flag'>{_e(f.get('message', f))}</li>" for f in result.get("flags") or [])
-    mode_counts = (result.get("wait_modes") or {}).get("counts") or {}
-    modes = {m: c for m, c in mode_counts.items() if m != "unknown"}
-    figures = [("Jain", fair.get("jain")), ("max/mean", fair.get("max_mean_ratio")), ("CV", fair.get("cv")),
-               ("Gini", fair.get("gini")), ("chi-square p (even split)", fair.get("chi2_p"))]
+    fair_figs = result.get("fairness") or {}
+    n_comp = competing(workers)
+    fair = 1 / n_comp if n_comp else None
+    lost, unattributed = int(doc.get("lost_events") or 0), int(doc.get("unattributed") or 0)
+    total = int(doc.get("total_accepts") or 0)
+    by_workers = sum(int(w.get("accepts") or 0) for w in workers)
+    q_max = max((lst["queue_depth"]["max"] for lst in listeners
+                 if (lst.get("queue_depth") or {}).get("max") is not None), default=None)
+    q_limit = max((lst["queue_depth"]["limit"] for lst in listeners
+                   if (lst.get("queue_depth") or {}).get("limit") is not None), default=None)
+
+    tiles = [
+        _tile(f"{total:,}", "accepts"),
+        _tile(f"{n_comp}", f"worker{'s' if n_comp != 1 else ''} competing"),
+        _tile(fmt_duration(doc.get("duration_s")),
+              "ran" if doc.get("ended_at") else "elapsed (still running)"),
+        _tile(f"{unattributed:,}", "UNATTRIBUTED – counts not exact" if unattributed else "unattributed",
+              loud=unattributed > 0),
+        _tile(f"{lost:,}", "LOST EVENTS (stream only)" if lost else "lost events", loud=lost > 0),
+        _tile(f"{_int(q_max)} / {_int(q_limit)}", "accept queue max / limit",
+              loud=q_max is not None and bool(q_limit) and q_max >= 0.9 * q_limit),
+        _tile(str(doc.get("probe")), "probe"),
+    ]
+    loss_line = ""
+    if unattributed:
+        loss_line = (f"<p class='loudline'>{unattributed:,} accept(s) could not be attributed to a worker: "
+                     "the counts below are not exact.</p>")
+    gap_note = ""
+    if total != by_workers:
+        gap_note = (f"<p class='small muted'>{total - by_workers:,} of the {total:,} accepts belong to "
+                    "workers no longer listed in the export (evicted after exiting).</p>")
+
+    pattern = str(verdict.get("pattern", "?"))
+    counts = (result.get("wait_modes") or {}).get("counts") or {}
+    modes = {m: c for m, c in counts.items() if m != "unknown"}
+    mode_text = (", ".join(f"{m} ({c})" for m, c in sorted(modes.items())) if modes
+                 else "not recorded in this export")
+    flags = "".join(f"<li>{_e(m)}</li>" for m in flag_messages(result))
+    warn = "".join(f"<p class='warn'>Note: {_e(w)}</p>" for w in warnings)
+
+    rate_svg, rate_legend = rate_plot(doc.get("rate_history") or [])
+    inflight = inflight_plot(workers)
+    inflight_section = (
+        inflight + _legend([(BLUE, "worker"), (RED, "flagged: kept accepting while holding open connections"),
+                            (INK, "dashed line: 1, one connection at a time")])
+        if inflight is not None else
+        "<p class='muted'>This export has no in-flight data (per-worker open connections).</p>"
+    )
+    detail = f" – {_e(doc['probe_detail'])}" if doc.get("probe_detail") else ""
+
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>accept-watch report — pid {_e(doc.get('master_pid'))}</title>
-<style>{CSS}</style></head><body>
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>accept-watch report · master {_e(doc.get('master_pid'))} · {_e(pattern)}</title>
+<style>{CSS}</style></head><body><main>
 <h1>accept-watch report</h1>
-<p class="muted">master {_e(doc.get('master_pid'))} <code>{_e(doc.get('master_cmdline', ''))}</code><br>
-probe {_e(doc.get('probe'))} · kernel {_e(doc.get('kernel', '?'))} · {_e(doc.get('started_at', '?'))} →
-{_e(doc.get('ended_at') or 'running')} ({_num(doc.get('duration_s'))} s) ·
-{_num(int(doc.get('total_accepts') or 0))} accepts · lost {_num(doc.get('lost_events'))} ·
-unattributed {_num(doc.get('unattributed'))}</p>
-{loss_line}
-<p class="verdict">{_e(verdict.get('sentence', 'No verdict.'))}</p>
-<p class="figs">{''.join(f'<span>{_e(k)} <b>{_num(v)}</b></span>' for k, v in figures)}
-<span>pattern <b>{_e(verdict.get('pattern', '?'))}</b> ({_e(verdict.get('confidence', '?'))})</span>
-<span>workers wait in <b>{_e(', '.join(f'{m} ({c})' for m, c in sorted(modes.items())) or '?')}</b></span></p>
-<ul>{flags}</ul>
-<h2>Share of accepts per worker</h2>{share_bars(workers)}
-<h2>Accepts per second</h2>{rate_lines(doc)}
-<h2>Time in the accept queue</h2>{wait_histogram(workers)}
-<h2>In-flight connections (accepted, not yet closed by the worker)</h2>{inflight_bars(workers)}
-<h2>Listeners</h2>{_listener_table(doc.get('listeners') or [])}
-<h2>Workers</h2>{_worker_table(workers)}
-<p class="muted">accept-watch {_e(doc.get('tool_version', '?'))} · {_e(doc.get('schema'))}</p>
-</body></html>
+<p class="cmd">master pid <b>{_e(doc.get('master_pid'))}</b>
+<code>{_e(doc.get('master_cmdline', ''))}</code></p>
+<div class="tiles">{''.join(tiles)}</div>
+<p class="small muted">probe {_e(doc.get('probe'))}{detail} · kernel {_e(doc.get('kernel', '?'))}
+ · {_e(fmt_span(doc.get('started_at'), doc.get('ended_at')))}</p>
+{loss_line}{gap_note}
+<section class="verdict {_e(pattern.replace(' ', '-'))}">
+<span class="badge">{_e(pattern)} · {_e(verdict.get('confidence', '?'))} confidence</span>
+<p class="sentence">{_e(verdict.get('sentence', 'No verdict.'))}</p>
+{_figures(fair_figs)}
+<p class="small">Workers wait in: <b>{_e(mode_text)}</b></p>
+{f'<ul class="flags">{flags}</ul>' if flags else ''}{warn}
+</section>
+<h2>Share of accepts per worker</h2>
+{share_plot(workers, fair)}{share_legend(fair)}
+<h2>Accepts per second</h2>
+<p class="small muted">Stacked by worker: the {TOP_N} busiest in this window, the rest summed; bins of about a
+second over the last {_e(fmt_duration(_history_span(doc.get('rate_history') or [])))} of the run.</p>
+{rate_svg}{rate_legend}
+<h2>Time in the accept queue</h2>
+<p class="small muted">From the completed handshake to accept() returning it: all workers together, then per
+worker.</p>
+{wait_histogram(workers)}
+{wait_per_worker(workers)}{wait_legend() if merged_wait_buckets(workers) else ''}
+<h2>In-flight connections per worker</h2>
+<p class="small muted">Connections a worker accepted and had not closed yet. More than one means it accepted
+while busy: requests then wait inside the worker, where the accept queue does not show them.</p>
+{inflight_section}
+<h2>Listeners</h2>
+{listener_table(listeners)}
+<h2>Workers</h2>
+{worker_table(workers, fair)}
+<footer>accept-watch {_e(doc.get('tool_version', '?'))} · {_e(doc.get('schema'))} · analysis recomputed by
+this version from the export's counts and accept sequence.</footer>
+</main></body></html>
 """
+
+
+def flag_messages(result: Mapping[str, Any]) -> list[str]:
+    """The analysis flags, minus one that only repeats the verdict ("not enough data")."""
+    sentence = (result.get("verdict") or {}).get("sentence")
+    out = []
+    for f in result.get("flags") or []:
+        message = str(f.get("message", "")) if isinstance(f, dict) else str(f)
+        if message and message != sentence:
+            out.append(message)
+    return out
+
+
+def _history_span(history: Sequence[Sequence[Any]]) -> float | None:
+    bins = _bins(history)
+    return bins[-1][1] - bins[0][0] if bins else None
