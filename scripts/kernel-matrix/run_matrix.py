@@ -317,7 +317,7 @@ def render_doc(runs: list[GuestRun], manifest: dict, rows: list[tuple[str, list[
         "is lost or unattributed, fexit/kretprobe counted every accept themselves (no backstop accepts),",
         "fexit used the `inet_csk_accept` prototype of the kernel's era, `auto` chose fexit, the listener",
         "is the one shared socket with a sane queue depth, and queue waits are ordered and bounded, known",
-        "for at least 95% of connections (a rare unknown wait is shown in the cell). Doctor passes when it",
+        "for every connection. Doctor passes when it",
         "finds every path usable, the right prototype and auto = fexit (CONFIG_FPROBE is only a note:",
         "no path uses fprobe). Cells read: accept-watch's total / connections made, the app's own total,",
         "workers that accepted.",

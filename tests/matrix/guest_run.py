@@ -31,10 +31,10 @@ BUCKET_SLACK = 1.07
 # Doctor checks that may fail without any probe path needing them (shown as notes): fprobe is the
 # multi-kprobe attach mechanism, which accept-watch does not use.
 ADVISORY_CHECKS = frozenset({"CONFIG_FPROBE"})
-# A connection accepted before its SYN_RECV->ESTABLISHED transition was traced has no queue wait
-# (counted in diagnostics.wait_unknown; it can happen when another CPU accepts the child socket
-# between its queueing and that transition). Tolerated when rare, always reported.
-MIN_WAIT_KNOWN = 0.95
+# Every connection's queue wait must be known: the entry time is stamped when the child socket is
+# created, before it is queued (stamping at SYN_RECV->ESTABLISHED lost a race with a worker
+# accepting on another CPU; the matrix found it).
+MIN_WAIT_KNOWN = 1.0
 MAX_SANE_WAIT_US = 60e6  # a minute in the accept queue means garbage, not a slow emulator
 
 
