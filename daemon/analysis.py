@@ -266,7 +266,11 @@ def _why_round_robin(mode: str | None) -> str:
     return "the kernel wakes blocked accept() callers in FIFO order"
 
 
-def _why_concentrated(mode: str | None) -> str:
+def _why_concentrated(mode: str | None, taking_turns: bool = False) -> str:
+    if taking_turns and mode in ("epoll", "poll/select"):
+        # Every waiter is woken; the last acceptor is rarely the winner, so "most recent wins" would
+        # contradict the figures.
+        return f"typical of {mode} wake-ups: every waiter is woken and the same few workers keep winning"
     if mode == "epoll-exclusive":
         return "EPOLLEXCLUSIVE wakes the first idle waiter in registration order, so early workers win"
     if mode == "blocking-accept":
@@ -437,8 +441,10 @@ def classify(
     if uneven or sticky:
         seq = (self_rate, q, z) if sticky else None
         p_uneven = p_even if uneven else None
+        turns = (self_rate, q) if anti_sticky else None
         return _concentrated(
-            figures, n, top_pid, top_share, idle, seq, p_uneven, mode=mode, listener_mode=listener_mode
+            figures, n, top_pid, top_share, idle, seq, p_uneven, mode=mode, listener_mode=listener_mode,
+            turns=turns,
         )
 
     if anti_sticky:
@@ -494,6 +500,7 @@ def _concentrated(
     *,
     mode: str | None,
     listener_mode: str | None,
+    turns: tuple[float, float] | None = None,
 ) -> Verdict:
     """Verdict for uneven shares (p_uneven given) and/or sticky successions (seq given).
 
@@ -518,13 +525,19 @@ def _concentrated(
         if p_uneven is None:
             text += ", although the overall shares are close to even"
         parts.append(text)
+    if turns is not None:
+        # Uneven shares, yet consecutive accepts rarely stay on one worker: the busy few take turns.
+        parts.append(
+            f"the same worker accepts twice in a row only {_pct(turns[0])} of the time "
+            f"({_pct(turns[1])} if independent), so the busy workers take turns"
+        )
     if seq is None and over and listener_mode == "reuseport":
         why = "SO_REUSEPORT hashes each connection to a socket, and few distinct clients load some more"
     elif seq is None and over and mode is None:
         # Uneven but not sticky: no sign of LIFO; name the usual suspects without claiming one.
         why = "some workers win the wake-ups more often (wake-up order, CPU placement or slower workers)"
     elif seq is not None or over:
-        why = _why_concentrated(mode)
+        why = _why_concentrated(mode, taking_turns=turns is not None)
     else:
         who = "that worker is" if len(idle) == 1 else "those workers are"
         why = f"check whether {who} stuck, busy, or not accepting on this socket"
@@ -628,12 +641,17 @@ def _check_rate_history(doc: Mapping[str, Any]) -> list[Any]:
 # queue looks empty while requests wait in the busy worker. One such accept can be a keep-alive
 # client lingering; a handful is a pattern.
 INFLIGHT_BUSY_MIN = 3
+# ... and "many" open connections: two at once is a client that has not closed yet, three is a queue.
+INFLIGHT_MAX_MIN = 3
+
+
+def inflight_flagged(inf: Mapping[str, Any]) -> bool:
+    return (int(inf.get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN
+            and int(inf.get("max") or 0) >= INFLIGHT_MAX_MIN)
 
 
 def _inflight_flags(workers: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
-    busy = [w for w in workers
-            if int((w.get("inflight") or {}).get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN
-            and int((w.get("inflight") or {}).get("max") or 0) > 1]
+    busy = [w for w in workers if inflight_flagged(w.get("inflight") or {})]
     if not busy:
         return []
     busy.sort(key=lambda w: -int(w["inflight"]["max"]))
@@ -819,7 +837,10 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
                 "recycling): lifetime shares mix workers of different ages.",
             }
         )
-    known = {m for m in mode_names.values() if m != "unknown"}
+    # A master holds the listener but waits for its workers, not for connections; one that sleeps in
+    # select() on a pipe (gunicorn < 27) reads as poll/select in /proc. Its mode is listed, not counted.
+    worker_modes = {p: m for p, m in mode_names.items() if competes(p)}
+    known = {m for m in worker_modes.values() if m != "unknown"}
     if len(known) > 1:
         flags.append(
             {"code": "wait_mode_mixed", "message": f"workers wait differently: {', '.join(sorted(known))}."}
@@ -827,7 +848,7 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
 
     flags.extend(_inflight_flags(doc.get("workers") or []))
 
-    summary = _Counter(mode_names.values())
+    summary = _Counter(worker_modes.values())
     return {
         "fairness": fair,
         "per_port": per_port,
@@ -835,7 +856,7 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
         "wait_modes": {
             "by_pid": {str(p): modes[p] for p in sorted(modes)},
             "counts": dict(sorted(summary.items())),
-            "dominant": _dominant_wait_mode(mode_names, mode_names) if mode_names else None,
+            "dominant": _dominant_wait_mode(worker_modes, worker_modes) if worker_modes else None,
         },
         "flags": flags,
     }

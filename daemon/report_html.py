@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .analysis import INFLIGHT_BUSY_MIN, MATERIAL_SHARE
+from .analysis import MATERIAL_SHARE, inflight_flagged
 from .terminal import competing, fmt_duration
 
 PLOT_W = 1000
@@ -587,8 +587,7 @@ def wait_legend() -> str:
 
 
 def _flagged_inflight(inf: Mapping[str, Any]) -> bool:
-    # The same rule as analysis._inflight_flags: accepting while busy, repeatedly.
-    return int(inf.get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN and int(inf.get("max") or 0) > 1
+    return inflight_flagged(inf)  # the same rule as the analysis flag
 
 
 def inflight_plot(workers: Sequence[Mapping[str, Any]]) -> str | None:

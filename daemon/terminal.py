@@ -9,6 +9,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from .analysis import inflight_flagged
+
 _STYLES = {
     "bold": "\x1b[1m", "loud": "\x1b[1;97;41m", "dim": "\x1b[2m", "yellow": "\x1b[33m", "red": "\x1b[31m",
 }
@@ -208,7 +210,7 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
         modes = ", ".join(f"{m} ({c})" for m, c in sorted(waiting.items()))
         out.append((f"  workers wait in: {modes}", None))
     workers = doc.get("workers") or []
-    busy = [w for w in workers if (w.get("inflight") or {}).get("max", 0) > 1]
+    busy = [w for w in workers if inflight_flagged(w.get("inflight") or {})]
     if busy:
         top = max(busy, key=lambda w: w["inflight"]["max"])
         out.append((f"  in-flight: {len(busy)} worker(s) accepted while holding open connections "
