@@ -53,31 +53,31 @@ def check_writable(path: str | os.PathLike[str], what: str = "export") -> None:
     os.unlink(probe)
 
 
-def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
-    """Readers (a dashboard, a CI job) never see a half-written file: temp file, fsync, rename."""
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Readers (a dashboard, a CI job) never see a half-written file: temp file in the same
+    directory, fsync, rename. Raises OSError; callers turn it into their one-line error."""
     p = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ExportError(f"cannot write export to {p}: {_reason(exc)}") from None
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the export is meant to be shared
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; exports and reports are meant to be shared
         os.replace(tmp, p)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise ExportError(f"cannot write export to {p}: {_reason(exc)}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    try:
+        write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
+    except OSError as exc:
+        raise ExportError(f"cannot write export to {Path(path)}: {_reason(exc)}") from None
 
 
 def event_to_dict(ev: AcceptEvent, clock: ClockMap) -> dict[str, Any]:

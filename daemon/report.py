@@ -17,13 +17,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import analysis
+from .export import write_text_atomic
 from .report_html import flag_messages, fmt_p, fmt_span, render_html
 from .terminal import competing, fmt_duration, fmt_us
 
@@ -374,22 +374,9 @@ def check_output(path: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same directory, fsync, rename: a reader never sees half a report."""
     check_output(path)
-    directory = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        write_text_atomic(path, text)
     except OSError as exc:
-        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
