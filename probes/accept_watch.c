@@ -470,6 +470,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != AW_IPPROTO_TCP)
         return 0;
+    // Every TCP socket of the machine passes here, clients' included: only sockets whose local
+    // port is one of the server's listeners matter, and a plain hash lookup rejects the rest
+    // before any LRU map is touched.
+    u16 sport = args->sport;
+    if (!watched_ports.lookup(&sport))
+        return 0;
     int newstate = args->newstate;
     u64 sk = (u64)args->skaddr;
     if (newstate == AW_TCP_FIN_WAIT1 || newstate == AW_TCP_LAST_ACK || newstate == AW_TCP_CLOSE) {
@@ -483,9 +489,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     // on accept() on another CPU can dequeue it first (seen in the kernel matrix). Stamping at
     // creation cannot be overtaken. (With TCP Fast Open the child is queued at the SYN.)
     if (newstate != AW_TCP_SYN_RECV)
-        return 0;
-    u16 sport = args->sport;
-    if (!watched_ports.lookup(&sport))
         return 0;
     u64 now = bpf_ktime_get_ns();
     queued_since.update(&sk, &now);
