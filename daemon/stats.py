@@ -140,6 +140,10 @@ class Aggregator:
         self._max_transitions = max_transitions
         self._lock = threading.RLock()
         self._hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # The document changes only with update(): the terminal, the export, every dashboard push and
+        # every /api/snapshot poll share one build (and one analysis) per update. Treat it as read-only.
+        self._generation = 0
+        self._cached: tuple[int, dict[str, Any]] | None = None
 
         self._topology = topology
         self._workers: dict[int, _Worker] = {}
@@ -164,8 +168,9 @@ class Aggregator:
 
     # -- inputs ----------------------------------------------------------------------------------
     def set_analysis_hook(self, fn: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
-        """fn(document without analysis) -> the "analysis" section; called on every document()."""
+        """fn(document without analysis) -> the "analysis" section; called once per update."""
         self._hook = fn
+        self._cached = None
 
     def snapshot(self) -> dict[str, Any]:
         """The live document (the dashboard's DashboardSource protocol)."""
@@ -199,10 +204,14 @@ class Aggregator:
             self._diag = dict(snapshot.diag)
             self._last_ns = now
             self._evict()
+            self._generation += 1
 
     # -- document --------------------------------------------------------------------------------
     def document(self, ended: bool = False) -> dict[str, Any]:
         with self._lock:
+            cached, generation = self._cached, self._generation
+            if cached is not None and cached[0] == generation and not ended:
+                return cached[1]
             if ended and self._ended_ns is None:
                 self._ended_ns = self.clock.mono_clock()
                 # The final read rarely lands on a bin boundary: keep its accepts in the history.
@@ -215,6 +224,7 @@ class Aggregator:
                 doc["analysis"] = hook(doc)
             except Exception as exc:  # the counts stay valid; say why the "why" is missing
                 doc["analysis"] = {"error": f"analysis failed: {type(exc).__name__}: {exc}"}
+        self._cached = (generation, doc)
         return doc
 
     # -- internals -------------------------------------------------------------------------------

@@ -457,3 +457,20 @@ def test_document_while_updating_from_another_thread() -> None:
         stop.set()
         th.join()
     assert not errors, errors[0]
+
+
+def test_one_document_and_one_analysis_per_update() -> None:
+    agg, clock = make()
+    calls = []
+    agg.set_analysis_hook(lambda doc: calls.append(doc["total_accepts"]) or {"n": len(calls)})
+    clock.mono = START + S
+    agg.update(snap(START + S, [wc(101, 5)]), topo(), {})
+    first = agg.document()
+    assert agg.document() is first and agg.snapshot() is first  # terminal, export, dashboard share it
+    assert calls == [5]
+    clock.mono = START + 2 * S
+    agg.update(snap(START + 2 * S, [wc(101, 9)]), topo(), {})
+    second = agg.document()
+    assert second is not first and second["total_accepts"] == 9 and calls == [5, 9]
+    ended = agg.document(ended=True)
+    assert ended["ended_at"] is not None and calls == [5, 9, 9]
