@@ -10,7 +10,9 @@ group of separate sockets on the same port.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,7 +114,63 @@ def parse_proc_net_tcp(text: str, family: str) -> list[TcpRow]:
     return rows
 
 
+def _ss_address(text: str) -> tuple[str, int]:
+    """ss's local address column: 127.0.0.1:80, [::1]:80, [fe80::1]%eth0:80, *:80."""
+    host, _, port = text.rpartition(":")
+    host = host.split("%", 1)[0].strip("[]")
+    return host, int(port)
+
+
+def parse_ss_listeners(text: str, family: str) -> list[TcpRow]:
+    """`ss -Hltne` lines: State Recv-Q Send-Q Local Peer ... ino:N ...; for LISTEN sockets Recv-Q is
+    the accept-queue length."""
+    rows: list[TcpRow] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or fields[0] != "LISTEN":
+            continue
+        inode = next((int(f[4:]) for f in fields[5:] if f.startswith("ino:")), None)
+        if inode is None:
+            raise ValueError(f"ss printed no inode: {line.strip()!r}")
+        host, port = _ss_address(fields[3])
+        if host == "*":
+            host = "0.0.0.0" if family == "ipv4" else "::"
+        rows.append(TcpRow(family=family, address=host, port=port, state=TCP_LISTEN,
+                           rx_queue=int(fields[1]), inode=inode))
+    return rows
+
+
+def _same_netns(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except FileNotFoundError:
+        raise DiscoveryError(f"no process with pid {pid}") from None
+    except PermissionError:
+        raise DiscoveryError(f"access denied reading /proc/{pid}/ns/net (run as root)") from None
+
+
 def _read_listen_rows(pid: int) -> list[TcpRow]:
+    """LISTEN sockets in pid's network namespace, from the kernel's sock_diag (via ss), which
+    filters by state in the kernel: /proc/net/tcp lists every socket, and a busy server has
+    hundreds of thousands in TIME_WAIT (reading it once a second cost 15 % of a core at 10k
+    connections/s). Falls back to /proc/PID/net/tcp when iproute2's ss is missing."""
+    if not shutil.which("ss"):
+        return _read_listen_rows_proc(pid)
+    prefix = [] if _same_netns(pid) else ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    rows: list[TcpRow] = []
+    for flag, family in (("-4", "ipv4"), ("-6", "ipv6")):
+        proc = subprocess.run([*prefix, "ss", "-Hltne", flag], capture_output=True, text=True, timeout=10)
+        if proc.returncode != 0:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise DiscoveryError(f"no process with pid {pid}")
+            raise DiscoveryError(f"ss failed for pid {pid}'s network namespace: {proc.stderr.strip()}")
+        rows.extend(parse_ss_listeners(proc.stdout, family))
+    if not os.path.exists(f"/proc/{pid}"):
+        raise DiscoveryError(f"no process with pid {pid}")
+    return rows
+
+
+def _read_listen_rows_proc(pid: int) -> list[TcpRow]:
     rows: list[TcpRow] = []
     for name, family in (("tcp", "ipv4"), ("tcp6", "ipv6")):
         path = f"/proc/{pid}/net/{name}"

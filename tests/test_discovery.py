@@ -421,3 +421,16 @@ def test_real_gunicorn(tmp_path) -> None:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_parse_ss_listeners() -> None:
+    from accept_watch.daemon.discovery import parse_ss_listeners
+
+    v4 = ("LISTEN 3      2048   127.0.0.1:46047 0.0.0.0:* ino:22096841 sk:3735 cgroup:/ <->\n"
+          "LISTEN 0      511    *:80 *:* ino:17 sk:1 <->\n")
+    rows = parse_ss_listeners(v4, "ipv4")
+    assert [(r.address, r.port, r.rx_queue, r.inode) for r in rows] == [
+        ("127.0.0.1", 46047, 3, 22096841), ("0.0.0.0", 80, 0, 17)]
+    v6 = "LISTEN 1 128 [::1]:8000 [::]:* ino:99 sk:2 <->\nLISTEN 0 5 [fe80::1]%eth0:22 [::]:* ino:5 sk:3 <->\n"
+    assert [(r.family, r.address, r.port) for r in parse_ss_listeners(v6, "ipv6")] == [
+        ("ipv6", "::1", 8000), ("ipv6", "fe80::1", 22)]
