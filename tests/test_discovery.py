@@ -431,6 +431,7 @@ def test_parse_ss_listeners() -> None:
     rows = parse_ss_listeners(v4, "ipv4")
     assert [(r.address, r.port, r.rx_queue, r.inode) for r in rows] == [
         ("127.0.0.1", 46047, 3, 22096841), ("0.0.0.0", 80, 0, 17)]
-    v6 = "LISTEN 1 128 [::1]:8000 [::]:* ino:99 sk:2 <->\nLISTEN 0 5 [fe80::1]%eth0:22 [::]:* ino:5 sk:3 <->\n"
+    v6 = ("LISTEN 1 128 [::1]:8000 [::]:* ino:99 sk:2 <->\n"
+          "LISTEN 0 5 [fe80::1]%eth0:22 [::]:* ino:5 sk:3 <->\n")
     assert [(r.family, r.address, r.port) for r in parse_ss_listeners(v6, "ipv6")] == [
         ("ipv6", "::1", 8000), ("ipv6", "fe80::1", 22)]
