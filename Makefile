@@ -23,7 +23,7 @@ kernel-matrix:
 	@python3 scripts/kernel-matrix/run_matrix.py $(KM_ARGS)
 
 bench: setup
-	@$(PY) -m accept_watch.daemon.bench
+	@$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info
