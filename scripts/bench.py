@@ -755,7 +755,15 @@ def profile_run(
     return rec
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    # A run started in the background (`cmd &` ignores SIGINT) can still be stopped by SIGINT or
+    # SIGTERM, and stops its servers and tools on the way out (the finally blocks).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         sys.exit(main(sys.argv[1:]))
     except (BenchError, ServerError, ToolError) as exc:
