@@ -31,7 +31,6 @@ import contextlib
 import itertools
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 from accept_watch.daemon.demo import current_syscall, log_tail, spawn_with_pdeathsig, waiting_syscalls
 
-from tests.servers import Record, count_by_pid, read_records
+from tests.servers import Record, RecordingServer
 
 MODES = ("accept", "epoll", "epoll-exclusive", "reuseport", "asyncio")
 
@@ -201,7 +200,7 @@ sys.exit(1)
 '''
 
 
-class MPServer:
+class MPServer(RecordingServer):
     """A running multi-process server. Context manager: leaving it stops every process."""
 
     def __init__(self, proc: subprocess.Popen[bytes], mode: str, port: int, workdir: Path) -> None:
@@ -222,15 +221,6 @@ class MPServer:
     def worker_pids(self) -> list[int]:
         """The processes that accept (the parent itself in asyncio mode), from their ready markers."""
         return sorted(int(p.name) for p in self.ready_dir.iterdir() if p.name.isdigit())
-
-    def records(self) -> list[Record]:
-        if self._final_records is not None:
-            return list(self._final_records)
-        return read_records(self.record_dir)
-
-    def ground_truth(self) -> dict[int, int]:
-        """Accepted connections per pid, as the servers recorded them."""
-        return count_by_pid(self.records())
 
     def sequence(self) -> list[int]:
         """The accepting pid of each connection in record order (the exact accept order only when
@@ -254,20 +244,6 @@ class MPServer:
         left = session_members(sid)
         raise RuntimeError(f"{self.mode} server processes survived SIGKILL: {left}")
 
-    def close(self) -> None:
-        """stop(), keep the records in memory, remove the work directory."""
-        try:
-            self.stop()
-        finally:
-            if self._final_records is None and self.record_dir.exists():
-                self._final_records = read_records(self.record_dir)
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> MPServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def session_members(sid: int) -> list[int]:

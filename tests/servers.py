@@ -314,7 +314,42 @@ while True:
 """
 
 
-class AcceptLoopServer:
+class RecordingServer:
+    """A server process tree writing per-pid records under workdir/records. Subclasses set proc,
+    workdir, record_dir and _final_records, and define stop()."""
+
+    workdir: Path
+    record_dir: Path
+    _final_records: list[Record] | None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def records(self) -> list[Record]:
+        if self._final_records is not None:
+            return list(self._final_records)
+        return read_records(self.record_dir)
+
+    def ground_truth(self) -> dict[int, int]:
+        return count_by_pid(self.records())
+
+    def close(self) -> None:
+        """stop(), keep the records in memory, remove the work directory."""
+        try:
+            self.stop()
+        finally:
+            if self._final_records is None and self.record_dir.exists():
+                self._final_records = read_records(self.record_dir)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RecordingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AcceptLoopServer(RecordingServer):
     """One real process (python) that sleeps, accept()s, records, answers, closes; in a loop."""
 
     def __init__(self, proc: subprocess.Popen[bytes], port: int, workdir: Path) -> None:
@@ -326,14 +361,6 @@ class AcceptLoopServer:
         self.log_path = workdir / "server.log"
         self._final_records: list[Record] | None = None
 
-    def records(self) -> list[Record]:
-        if self._final_records is not None:
-            return list(self._final_records)
-        return read_records(self.record_dir)
-
-    def ground_truth(self) -> dict[int, int]:
-        return count_by_pid(self.records())
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -343,19 +370,6 @@ class AcceptLoopServer:
                 self.proc.kill()
                 self.proc.wait(5.0)
 
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            if self._final_records is None and self.record_dir.exists():
-                self._final_records = read_records(self.record_dir)
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> AcceptLoopServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _start_accept_loop(
