@@ -45,6 +45,7 @@ from procstat import (
     loadavg,
     machine,
     others_cpu_pct,
+    rss_by_mapping,
     sample_others,
     time_wait_sockets,
 )
@@ -518,6 +519,7 @@ def long_run(workdir: Path, target: int, dash_port: int, max_wait_s: float) -> d
         counts = server.end(window)
         out["others_cpu_pct"] = others_cpu_pct(others0, sample_others(ours))
         mem_end = tool.memory_kib()
+        out["rss_by_mapping"] = rss_by_mapping(tool.pid)
         stats = poller.stop()
         poller = None
         rc, _ = tool.interrupt()
@@ -640,6 +642,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--max-redo", type=int, default=2, help="rounds repeated per workload when disturbed (2)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile run")
+    p.add_argument(
+        "--no-bpf-stats",
+        action="store_true",
+        help="skip the run that reads the BPF programs' own run time (kernel.bpf_stats_enabled)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke test: 1 round, 3 s runs, 100k long run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, exports)")
     p.add_argument("--render-only", type=Path, metavar="JSON", help="only rewrite the .md from this JSON")
@@ -703,6 +710,8 @@ def main(argv: list[str]) -> int:
             results["workloads"].append(run_workload(spec, args, workdir, dash_port))
         if not args.no_profile and "nginx-10k" in wanted:
             results["profile"] = profile_run(results, args, workdir, dash_port)
+        if not args.no_bpf_stats:
+            results["bpf_stats"] = bpf_cost_run(args, workdir, dash_port)
         if args.long > 0:
             results["long_run"] = long_run(workdir, args.long, dash_port, args.max_wait)
         results["load_after"] = {"loadavg": loadavg()}
@@ -721,6 +730,95 @@ def main(argv: list[str]) -> int:
     for t in results["targets"]:
         log(f"target {t['status']:6s} {t['target']}: {t['measured']}")
     return 0
+
+
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def _bpf_progs() -> dict[int, dict[str, Any]]:
+    out = subprocess.run(
+        ["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    return {p["id"]: p for p in json.loads(out)}
+
+
+def bpf_cost_run(args: argparse.Namespace, workdir: Path, dash_port: int) -> dict[str, Any]:
+    """Where accept-watch's in-kernel cost goes: one more `aw` run at full speed with the kernel's BPF
+    run-time statistics on (sysctl kernel.bpf_stats_enabled, restored afterwards), read per program
+    with bpftool. Not part of the medians: the statistics themselves cost two clock reads per call."""
+    if shutil.which("bpftool") is None:
+        return {"skipped": "bpftool not found"}
+    wdir = workdir / "bpf-stats"
+    wdir.mkdir()
+    server = Nginx(wdir)
+    tool: AcceptWatch | None = None
+    previous = BPF_STATS.read_text().strip()
+    try:
+        server.start()
+        wait_quiet(args.max_wait)
+        before_ids = set(_bpf_progs())
+        tool = AcceptWatch(wdir, server.master_pid, events=False, dashboard_port=None)
+        tool.start()
+        tool.wait_ready()
+        time.sleep(SETTLE_S)
+        # Programs loaded since the tool started, with accept-watch's function names (BCC names them
+        # after the C functions; the kernel keeps the first 15 characters).
+        ours = {
+            i
+            for i, p in _bpf_progs().items()
+            if i not in before_ids
+            and p.get("name", "").startswith(("tracepoint__", "kretfunc__", "kretprobe__"))
+        }
+        if not ours:
+            raise BenchError("found no BPF program of accept-watch in bpftool's list")
+        window = server.begin()
+        BPF_STATS.write_text("1\n")
+        try:
+            start = _bpf_progs()
+            wrk = run_wrk(server.url, Load("nginx-max"), args.duration)
+            end = _bpf_progs()
+        finally:
+            BPF_STATS.write_text(previous + "\n")
+        server.drain()
+        counts = server.end(window)
+        rc, _ = tool.interrupt()
+        if rc != 0:
+            raise BenchError(f"accept-watch exited with status {rc} after the BPF statistics run")
+        conns = counts.server_accepts or 1
+        progs = []
+        for pid_ in sorted(ours):
+            a, b = start.get(pid_, {}), end.get(pid_, {})
+            calls = b.get("run_cnt", 0) - a.get("run_cnt", 0)
+            ns = b.get("run_time_ns", 0) - a.get("run_time_ns", 0)
+            progs.append(
+                {
+                    "name": b.get("name", a.get("name", "?")),
+                    "calls": calls,
+                    "calls_per_connection": round(calls / conns, 2),
+                    "ns_per_call": round(ns / calls) if calls else None,
+                    "ns_per_connection": round(ns / conns),
+                    "pct_of_core": round(100.0 * ns / 1e9 / wrk.duration_s, 2),
+                }
+            )
+        progs.sort(key=lambda p: -p["ns_per_connection"])
+        total_ns = sum(p["ns_per_connection"] for p in progs) * conns
+        out = {
+            "rps": round(wrk.rps, 1),
+            "connections": counts.server_accepts,
+            "duration_s": round(wrk.duration_s, 3),
+            "programs": progs,
+            "total_pct_of_core": round(100.0 * total_ns / 1e9 / wrk.duration_s, 2),
+            "total_ns_per_connection": sum(p["ns_per_connection"] for p in progs),
+        }
+        log(
+            f"bpf stats: {out['total_pct_of_core']:.1f} % of a core in accept-watch's BPF programs at "
+            f"{wrk.rps:.0f} conn/s ({out['total_ns_per_connection']} ns per connection)"
+        )
+        return out
+    finally:
+        if tool is not None:
+            tool.kill()
+        server.stop()
 
 
 def profile_run(

@@ -368,6 +368,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         _long_section(add, results["long_run"])
     if results.get("profile"):
         _profile_section(add, results["profile"])
+    if results.get("bpf_stats"):
+        _bpf_section(add, results["bpf_stats"])
     _limits_section(add, results)
     _all_runs(add, results)
     return "\n".join(L) + "\n"
@@ -477,6 +479,13 @@ def _workload_section(add: Any, w: dict[str, Any]) -> None:
             f"{cpu} | {rss} | "
             f"{lost} | {counts} |"
         )
+    if "aw-paused" in s["modes"]:
+        add("")
+        add(
+            f"p99 change with the daemon stopped during the load (`aw-paused`): "
+            f"{_ratio_cell(s['modes']['aw-paused']['p99_ratio'])}; with it running (`aw`): "
+            f"{_ratio_cell(s['modes']['aw']['p99_ratio'])}."
+        )
     errs = {mode: ms["wrk_errors"] for mode, ms in s["modes"].items() if ms["wrk_errors"]}
     if errs:
         add("")
@@ -560,6 +569,15 @@ def _long_section(add: Any, long: dict[str, Any]) -> None:
         + "."
     )
     add("")
+    if long.get("rss_by_mapping"):
+        add(
+            "RSS by mapping at the end (`/proc/PID/smaps`; MB, anonymous part in brackets): "
+            + ", ".join(
+                f"`{m['mapping']}` {m['rss_mb']:.1f} ({m['anon_mb']:.1f})" for m in long["rss_by_mapping"]
+            )
+            + "."
+        )
+        add("")
     per = ", ".join(f"{r['pid']}: {r['tool']} vs {r['log']}" for r in c["per_pid"] if r["tool"] or r["log"])
     add(
         f"Counts: accept-watch {c['tool_total']:,}, nginx accepts {c['server_accepts']:,}, access log "
@@ -592,6 +610,32 @@ def _profile_section(add: Any, prof_run: dict[str, Any]) -> None:
     add("")
 
 
+def _bpf_section(add: Any, bs: dict[str, Any]) -> None:
+    add("## Where the in-kernel cost goes (BPF run time, nginx at full speed)")
+    add("")
+    if "skipped" in bs:
+        add(bs["skipped"])
+        add("")
+        return
+    add(
+        f"One extra `aw` run (not in the tables) with `kernel.bpf_stats_enabled=1` during the load "
+        f"(restored afterwards): {bs['connections']:,} connections at {bs['rps']:.0f} conn/s; run time and "
+        f"call count of each of accept-watch's BPF programs from `bpftool prog show`. In all "
+        f"{bs['total_pct_of_core']:.1f} % of one core, {bs['total_ns_per_connection']:,} ns per connection "
+        "(the statistics add two clock reads per call)."
+    )
+    add("")
+    add("| program | calls per connection | ns per call | ns per connection | % of one core |")
+    add("|---|---|---|---|---|")
+    for p in bs["programs"]:
+        ns = "—" if p["ns_per_call"] is None else str(p["ns_per_call"])
+        add(
+            f"| `{p['name']}` | {p['calls_per_connection']} | {ns} | {p['ns_per_connection']} | "
+            f"{p['pct_of_core']:.2f} |"
+        )
+    add("")
+
+
 def _limits_section(add: Any, results: dict[str, Any]) -> None:
     """For each missed target, the measured figures that say what limits it (nothing hand-written)."""
     missed = [t for t in results.get("targets", []) if t["status"] == "missed"]
@@ -616,10 +660,28 @@ def _limits_section(add: Any, results: dict[str, Any]) -> None:
             )
             if "aw-paused" in m:
                 paused = 1 - m["aw-paused"]["rps_ratio"]["median"]
+                rest = (
+                    f"the remaining {100 * (loss - paused):.1f} points come with the daemon running"
+                    if loss > paused
+                    else "with the daemon running the loss is no larger (within the spread)"
+                )
                 add(
                     f"  - With the daemon stopped (`aw-paused`) the loss is {_pct(paused)}: the cost of the "
-                    "BPF programs alone (syscall tracepoints on accept, `sock:inet_sock_set_state` on "
-                    f"every TCP state change, fork/exit). The rest of the {_pct(loss)} is the daemon's CPU."
+                    f"BPF programs alone; {rest}."
+                )
+            bs = results.get("bpf_stats")
+            if bs and "programs" in bs:
+                top = [p for p in bs["programs"] if p["calls"]][:3]
+                add(
+                    f"  - The kernel's own accounting of those programs (section above): "
+                    f"{bs['total_pct_of_core']:.1f} % of a core at {bs['rps']:.0f} conn/s, i.e. "
+                    f"{bs['total_pct_of_core'] / ncpu:.1f} % of the machine; "
+                    + "; ".join(
+                        f"`{p['name']}` {p['ns_per_call']} ns × {p['calls_per_connection']} per connection"
+                        for p in top
+                    )
+                    + ". The syscall tracepoints also put every system call of every process on the "
+                    "kernel's syscall-tracing path, a cost not in these figures."
                 )
             bt = m["bpftrace"]
             add(
@@ -660,9 +722,24 @@ def _limits_section(add: Any, results: dict[str, Any]) -> None:
                 anon = statistics.median(r["tool_mem_mb"]["RssAnon"] for r in runs)
                 file_ = statistics.median(r["tool_mem_mb"]["RssFile"] for r in runs)
                 add(
-                    f"  - Of accept-watch's RSS, {file_:.0f} MB (median) is file-backed — mostly the shared "
-                    f"libraries BCC maps (libbcc with its LLVM/clang), present from the start — and "
-                    f"{anon:.0f} MB anonymous (the Python heap, the compiled program, the dashboard)."
+                    f"  - Of accept-watch's RSS, {file_:.0f} MB (median) is file-backed and {anon:.0f} MB "
+                    "anonymous."
+                )
+            long = results.get("long_run") or {}
+            if long:
+                add(
+                    f"  - Already {long['mem_start_mb']['VmRSS']:.0f} MB once attached, before any load "
+                    f"(long run; {long_run_flatness(long)['growth_mb']:+.1f} MB from 100 k connections "
+                    "to the end)."
+                )
+            if long.get("rss_by_mapping"):
+                add(
+                    "  - By mapping, at the end of the long run: "
+                    + ", ".join(
+                        f"`{Path(m['mapping']).name}` {m['rss_mb']:.0f} MB"
+                        for m in long["rss_by_mapping"][:6]
+                    )
+                    + "."
                 )
         if t["id"] == "flat" and results.get("long_run"):
             long = results["long_run"]

@@ -48,6 +48,32 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def rss_by_mapping(pid: int, top: int = 8) -> list[dict[str, object]]:
+    """Where a process's RSS is: /proc/PID/smaps summed per mapped file ([heap], [anon], ...), in MB."""
+    rss: dict[str, int] = {}
+    anon: dict[str, int] = {}
+    current = "[anon]"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                parts = line.split()
+                if not parts:
+                    continue
+                if not parts[0].endswith(":"):  # a mapping header: range perms offset dev inode [path]
+                    current = parts[5] if len(parts) > 5 else "[anon]"
+                elif parts[0] == "Rss:":
+                    rss[current] = rss.get(current, 0) + int(parts[1])
+                elif parts[0] == "Anonymous:":
+                    anon[current] = anon.get(current, 0) + int(parts[1])
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcGone(f"pid {pid} is gone") from None
+    ranked = sorted(rss.items(), key=lambda kv: -kv[1])[:top]
+    return [
+        {"mapping": k, "rss_mb": round(v / 1024, 1), "anon_mb": round(anon.get(k, 0) / 1024, 1)}
+        for k, v in ranked
+    ]
+
+
 def loadavg() -> tuple[float, float, float]:
     with open("/proc/loadavg") as f:
         a, b, c = f.read().split()[:3]
