@@ -93,6 +93,23 @@ def _run(args: argparse.Namespace) -> int:
     # covers exactly the time the probes were attached.
     aggregator = Aggregator(topology, probe="pending", probe_detail="", kernel=os.uname().release)
     wait_modes = WaitModes(topology)  # first sample before attaching, while the server runs as usual
+    # Signals are caught from before the attach: a Ctrl-C right after the "attached" line must still
+    # detach, write the export and exit 0 (not die with 130 and lose what was counted).
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _attach_and_watch(args, layout, want_events, probe, topology, aggregator, wait_modes,
+                                 ports, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, probe: ProbeKind | None,
+                      topology: discovery.Topology, aggregator: Aggregator, wait_modes: WaitModes,
+                      ports: list[int], stop: threading.Event) -> int:
+    from accept_watch.probes.kernel import AcceptProbes
+
     with AcceptProbes(layout, emit_events=want_events) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
         aggregator.probe, aggregator.probe_detail = result.kind.value, result.detail
@@ -105,13 +122,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"accept-watch: dry run OK: probe {result.kind}, {len(topology.processes)} processes, "
                   f"ports {', '.join(map(str, ports))}")
             return 0
-        return _loop(args, probes, topology, aggregator, wait_modes)
+        return _loop(args, probes, topology, aggregator, wait_modes, stop)
 
 
 def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
-          wait_modes: WaitModes) -> int:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+          wait_modes: WaitModes, stop: threading.Event) -> int:
     only = set(args.port) if args.port else None
     aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
     writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
@@ -164,8 +179,6 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             dashboard.stop()
         if writer is not None:
             writer.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if args.export:
         export.write_json_atomic(args.export, doc)
     print(terminal.render(doc, width=_width(), ansi=False))
