@@ -376,10 +376,12 @@ def test_server_serves_on_loopback(source: SyntheticSource) -> None:
             assert httpx.get(server.url + "healthz", headers={"Host": host}).status_code == 400, host
         # Malformed and oversized requests get 4xx from the server itself, never a 500.
         assert raw_request(port, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
-        huge = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: %s\r\n\r\n" % (port, b"a" * 70_000)
+        # Over the 16 KiB limit, yet small enough for the server to have read it all before it answers
+        # and closes: unread bytes at close turn into a reset that can destroy the answer in flight.
+        huge = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: %s\r\n\r\n" % (port, b"a" * 20_000)
         assert raw_request(port, huge).startswith(b"HTTP/1.1 431")
         # Headers that never end: uvicorn (h11) gives up past its 16 KiB buffer limit.
-        endless = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: %s" % (port, b"a" * 40_000)
+        endless = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Pad: %s" % (port, b"a" * 20_000)
         assert raw_request(port, endless).startswith(b"HTTP/1.1 4")
         assert raw_request(port, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")  # no Host
     finally:
