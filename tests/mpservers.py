@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +39,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from accept_watch.daemon.demo import current_syscall, log_tail, spawn_with_pdeathsig, waiting_syscalls
+from accept_watch.daemon.demo import current_syscall, log_tail, waiting_syscalls
 
-from tests.servers import Record, RecordingServer
+from tests.servers import Record, RecordingServer, spawn_port_reporter
 
 MODES = ("accept", "epoll", "epoll-exclusive", "reuseport", "asyncio")
 
@@ -281,25 +281,18 @@ def start_mp_server(
     (workdir / "ready").mkdir()
     argv = [sys.executable, "-c", _SERVER, mode, str(workers), repr(work_ms), str(workdir / "records"),
             str(workdir / "ready"), str(backlog)]
-    with open(workdir / "server.log", "wb") as log:
-        proc = spawn_with_pdeathsig(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                    start_new_session=True)
-    server: MPServer | None = None
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        line = proc.stdout.readline().decode().strip() if ready else ""
-        proc.stdout.close()
-        if not line.isdigit():
-            raise RuntimeError(f"{mode} server did not start: {log_tail(workdir / 'server.log')}")
-        server = MPServer(proc, mode, int(line), workdir)
-        _wait_idle(server, workers, timeout_s)
-        return server
+        proc, port = spawn_port_reporter(argv, workdir, timeout_s, f"{mode} server")
     except BaseException:
-        if server is None:
-            server = MPServer(proc, mode, 0, workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    server = MPServer(proc, mode, port, workdir)
+    try:
+        _wait_idle(server, workers, timeout_s)
+    except BaseException:
         server.close()
         raise
+    return server
 
 
 def _wait_idle(server: MPServer, workers: int, timeout_s: float) -> None:

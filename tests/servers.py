@@ -13,6 +13,8 @@ connecting (a probe connection would be an accept of its own): workers present, 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import shutil
 import signal
@@ -97,7 +99,43 @@ def post_worker_init(worker):
 """
 
 
-class Server:
+class RecordingServer:
+    """A server process tree writing per-pid records (one line per accepted connection, the ground
+    truth) under record_dir. Subclasses set workdir, record_dir and _final_records, define stop(),
+    and may override close()."""
+
+    workdir: Path
+    record_dir: Path
+    _final_records: list[Record] | None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def records(self) -> list[Record]:
+        if self._final_records is not None:
+            return list(self._final_records)
+        return read_records(self.record_dir)
+
+    def ground_truth(self) -> dict[int, int]:
+        return count_by_pid(self.records())
+
+    def close(self) -> None:
+        """stop(), keep the records in memory, remove the work directory."""
+        try:
+            self.stop()
+        finally:
+            if self._final_records is None and self.record_dir.exists():
+                self._final_records = read_records(self.record_dir)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RecordingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Server(RecordingServer):
     """A running gunicorn serving the pid app. Context manager: leaving it stops gunicorn."""
 
     def __init__(self, gunicorn: GunicornProcess, record_dir: Path, ready_dir: Path) -> None:
@@ -139,15 +177,6 @@ class Server:
             booted[pid] = ppid
         return dict(sorted(booted.items()))
 
-    def records(self) -> list[Record]:
-        if self._final_records is not None:
-            return list(self._final_records)
-        return read_records(self.record_dir)
-
-    def ground_truth(self) -> dict[int, int]:
-        """Requests (= accepted connections; clients never keep-alive) per worker pid."""
-        return count_by_pid(self.records())
-
     def stop(self) -> None:
         """SIGTERM the master, SIGKILL after a timeout, and leave no orphaned worker. Idempotent."""
         self._gunicorn.stop()
@@ -161,12 +190,6 @@ class Server:
                 self._final_records = read_records(self.record_dir)
                 self._final_booted = self.booted_workers()
             self._gunicorn.close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def start_gunicorn(
@@ -314,41 +337,6 @@ while True:
 """
 
 
-class RecordingServer:
-    """A server process tree writing per-pid records under workdir/records. Subclasses set proc,
-    workdir, record_dir and _final_records, and define stop()."""
-
-    workdir: Path
-    record_dir: Path
-    _final_records: list[Record] | None
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def records(self) -> list[Record]:
-        if self._final_records is not None:
-            return list(self._final_records)
-        return read_records(self.record_dir)
-
-    def ground_truth(self) -> dict[int, int]:
-        return count_by_pid(self.records())
-
-    def close(self) -> None:
-        """stop(), keep the records in memory, remove the work directory."""
-        try:
-            self.stop()
-        finally:
-            if self._final_records is None and self.record_dir.exists():
-                self._final_records = read_records(self.record_dir)
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> RecordingServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 class AcceptLoopServer(RecordingServer):
     """One real process (python) that sleeps, accept()s, records, answers, closes; in a loop."""
 
@@ -381,29 +369,35 @@ def _start_accept_loop(
     (workdir / "records").mkdir()
     argv = [sys.executable, "-c", _ACCEPT_LOOP, repr(sleep_before_accept_s), str(port),
             str(workdir / "records"), str(backlog)]
+    try:
+        proc, bound = spawn_port_reporter(argv, workdir, timeout_s, "accept-loop server")
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return AcceptLoopServer(proc, bound, workdir)
+
+
+def spawn_port_reporter(
+    argv: list[str], workdir: Path, timeout_s: float, what: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a test server (own session, PR_SET_PDEATHSIG) that prints its port as its first line of
+    stdout, stderr going to workdir/server.log. If it does not, kill its whole process group and
+    raise RuntimeError with the log's tail."""
     with open(workdir / "server.log", "wb") as log:
         proc = spawn_with_pdeathsig(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                     start_new_session=True)
-    server: AcceptLoopServer | None = None
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
         line = proc.stdout.readline().decode().strip() if ready else ""
         proc.stdout.close()
         if not line.isdigit():
-            proc.kill()
-            proc.wait(5.0)
-            raise RuntimeError(f"accept-loop server did not start: {log_tail(workdir / 'server.log')}")
-        server = AcceptLoopServer(proc, int(line), workdir)
-        return server
+            raise RuntimeError(f"{what} did not start: {log_tail(workdir / 'server.log')}")
+        return proc, int(line)
     except BaseException:
-        if server is None:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5.0)
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            server.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group is the server's tree
+        proc.wait(5.0)
         raise
 
 
