@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from . import sockdiag
+
 TCP_LISTEN = 0x0A  # include/net/tcp_states.h
 
 
@@ -150,13 +152,23 @@ def _same_netns(pid: int) -> bool:
 
 
 def _read_listen_rows(pid: int) -> list[TcpRow]:
-    """LISTEN sockets in pid's network namespace, from the kernel's sock_diag (via ss), which
-    filters by state in the kernel: /proc/net/tcp lists every socket, and a busy server has
-    hundreds of thousands in TIME_WAIT (reading it once a second cost 15 % of a core at 10k
-    connections/s). Falls back to /proc/PID/net/tcp when iproute2's ss is missing."""
+    """LISTEN sockets in pid's network namespace, from the kernel's sock_diag, which filters by state
+    in the kernel: /proc/net/tcp lists every socket, and a busy server has hundreds of thousands in
+    TIME_WAIT (reading it once a second cost 15 % of a core at 10k connections/s). In our own
+    namespace we ask sock_diag directly (daemon/sockdiag.py: no process to spawn once a second);
+    another namespace goes through `ss` under nsenter, or /proc/PID/net/tcp when ss is missing."""
+    if _same_netns(pid):
+        try:
+            found = sockdiag.listeners()
+        except sockdiag.SockDiagError as exc:
+            raise DiscoveryError(str(exc)) from None
+        if not os.path.exists(f"/proc/{pid}"):
+            raise DiscoveryError(f"no process with pid {pid}")
+        return [TcpRow(family=lst.family, address=lst.address, port=lst.port, state=TCP_LISTEN,
+                       rx_queue=lst.accept_queue, inode=lst.inode) for lst in found]
     if not shutil.which("ss"):
         return _read_listen_rows_proc(pid)
-    prefix = [] if _same_netns(pid) else ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    prefix = ["nsenter", f"--net=/proc/{pid}/ns/net"]
     rows: list[TcpRow] = []
     for flag, family in (("-4", "ipv4"), ("-6", "ipv6")):
         proc = subprocess.run([*prefix, "ss", "-Hltne", flag], capture_output=True, text=True, timeout=10)

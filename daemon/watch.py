@@ -26,7 +26,10 @@ from . import analysis, discovery, export, terminal, waitmode
 from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
-REFRESH_EVERY_S = 2.0
+# A full re-scan (psutil walks every process of the machine for the tree, then the fd tables) every
+# REFRESH_EVERY_S; in between, every CHECK_EVERY_S, a cheap look for a reason to re-scan now.
+REFRESH_EVERY_S = 10.0
+CHECK_EVERY_S = 2.0
 WAIT_MODE_EVERY_S = 10.0
 
 
@@ -127,6 +130,8 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
 
 def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
           wait_modes: WaitModes, stop: threading.Event) -> int:
+    from accept_watch.probes.kernel import ProbeError
+
     only = set(args.port) if args.port else None
     aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
     writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
@@ -145,7 +150,7 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             dashboard = _start_dashboard(args, aggregator)
         deadline = time.monotonic() + args.duration if args.duration else None
         next_export = time.monotonic() + EXPORT_EVERY_S
-        next_refresh = time.monotonic() + REFRESH_EVERY_S
+        tree = TreeCheck(topology)
         tty = sys.stdout.isatty() and not args.quiet
         while not stop.is_set():
             tick_end = time.monotonic() + args.interval
@@ -153,11 +158,12 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
                 tick_end = min(tick_end, deadline)
             _wait(probes, stop, tick_end, events=writer is not None or args.stream)
             now = time.monotonic()
-            if now >= next_refresh:
+            snapshot = probes.snapshot()
+            if tree.due(now, snapshot):
                 topology = _refresh(probes, topology, watch_new_ports=only is None)
-                next_refresh = now + REFRESH_EVERY_S
+                tree.scanned(now, topology, snapshot)
             depths = _depths(topology)
-            aggregator.update(_only_ports(probes.snapshot(), only), topology, depths or {})
+            aggregator.update(_only_ports(snapshot, only), topology, depths or {})
             if depths is None:
                 print(f"accept-watch: master {topology.master_pid} exited; stopping", file=sys.stderr)
                 break
@@ -174,6 +180,11 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             probes.poll_events(0)
         aggregator.update(_only_ports(probes.snapshot(), only), topology, _depths(topology) or {})
         doc = aggregator.document(ended=True)
+    except ProbeError:
+        # The maps could not be read any more: keep what was measured up to the last good read.
+        if args.export:
+            export.write_json_atomic(args.export, aggregator.document(ended=True))
+        raise
     finally:
         if dashboard is not None:
             dashboard.stop()
@@ -208,6 +219,35 @@ def _depths(topology: discovery.Topology) -> dict[int, int] | None:
         return discovery.read_listen_depths(topology.master_pid, _inodes(topology))
     except discovery.DiscoveryError:
         return None
+
+
+class TreeCheck:
+    """When to re-scan the master's process tree: every REFRESH_EVERY_S, and sooner (checked every
+    CHECK_EVERY_S) when a known process is gone or a process never seen has accepted (the kernel
+    follows forks itself, so counts never wait for a scan; names and liveness in the views do)."""
+
+    def __init__(self, topology: discovery.Topology) -> None:
+        self._alive: set[int] = set(topology.processes)  # alive at the last scan
+        self._known: set[int] = set(self._alive)  # and every worker the kernel had counted by then
+        self._next_scan = time.monotonic() + REFRESH_EVERY_S
+        self._next_check = time.monotonic() + CHECK_EVERY_S
+
+    def due(self, now: float, snapshot: KernelSnapshot) -> bool:
+        if now >= self._next_scan:
+            return True
+        if now < self._next_check:
+            return False
+        self._next_check = now + CHECK_EVERY_S
+        if any(w.pid not in self._known for w in snapshot.workers):
+            return True
+        return any(not os.path.exists(f"/proc/{pid}") for pid in self._alive)
+
+    def scanned(self, now: float, topology: discovery.Topology, snapshot: KernelSnapshot) -> None:
+        # Workers that exited stay in the kernel's counters: known, so they do not trigger scans.
+        self._alive = set(topology.processes)
+        self._known = self._alive | {w.pid for w in snapshot.workers}
+        self._next_scan = now + REFRESH_EVERY_S
+        self._next_check = now + CHECK_EVERY_S
 
 
 class WaitModes:

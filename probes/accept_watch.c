@@ -43,11 +43,21 @@ struct worker_val {
     u64 life_max_ns;
 };
 
-struct open_conn {
-    u32 tgid;
+// One TCP connection on a watched port, from the moment its child socket is created (it enters
+// the listener's accept queue) until the worker closes it. Inserted at queue entry, or at accept
+// when queue entry was not seen; deleted when the worker is done with it or it dies.
+struct conn {
+    u64 queued_ns;     // 0: queue entry not seen (queued before attach, or map was full)
+    u64 accepted_ns;   // 0: not accepted yet
+    u32 tgid;          // accepting worker, once accepted
     u16 port;
     u16 pad;
-    u64 accepted_ns;
+};
+
+// The accept() call a thread is in, from sys_enter_accept* to its exit.
+struct accept_call {
+    u64 listener;      // listening sock (0: unknown)
+    u64 counted_sk;    // accepted sock fexit/kretprobe already counted (the backstop skips it)
 };
 
 struct hist_key {
@@ -102,17 +112,15 @@ BPF_HASH(wait_hist, struct hist_key, u64, MAX_HIST_KEYS);
 BPF_HASH(listener_stats, u64, struct listener_val, MAX_LISTENERS);
 BPF_HASH(last_acceptor, u16, u32, MAX_LISTENERS);
 BPF_HASH(transitions, struct trans_key, u64, MAX_TRANSITIONS);
-// Listening socket a thread is accepting on, from sys_enter_accept*, until its exit.
-BPF_HASH(in_accept, u32, u64, MAX_TRACKED);
-// Local ports whose SYN_RECV->ESTABLISHED transitions we time (the servers' listeners).
+// Per thread (tid): the accept() it is in. Entries are reused call after call (written in place,
+// which is far cheaper than inserting and deleting) and removed when the thread exits.
+BPF_HASH(in_accept, u32, struct accept_call, MAX_TRACKED);
+// Local ports whose connections we follow from queue entry to close (the servers' listeners).
 BPF_HASH(watched_ports, u16, u8, MAX_LISTENERS);
-// Socket -> when its handshake completed, i.e. when it entered the accept queue.
-// LRU: connections reset before anyone accepts them must not fill the map.
-BPF_TABLE("lru_hash", u64, u64, queued_since, MAX_QUEUED_SOCKS);
-// Sockets counted by fexit/kretprobe, so that the syscall-exit backstop skips them.
-BPF_TABLE("lru_hash", u64, u8, counted_socks, MAX_QUEUED_SOCKS);
-// Accepted sockets not yet closed by their worker (in-flight), for accept->close times.
-BPF_TABLE("lru_hash", u64, struct open_conn, open_conns, MAX_OPEN_CONNS);
+// Child sock -> its connection. A plain preallocated hash, not an LRU: measured here, an LRU
+// insert costs ~130 ns against ~25 ns, and every socket reaches TCP_CLOSE, where its entry is
+// deleted, so nothing accumulates; an insert into a full map is counted (DIAG_CONNS_MAP_FULL).
+BPF_HASH(conns, u64, struct conn, MAX_CONNS);
 BPF_ARRAY(diag, u64, DIAG_SLOTS);
 BPF_ARRAY(config, u64, CFG_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -149,6 +157,14 @@ static __always_inline u32 read_u32(u64 base, u32 off)
 static __always_inline u16 read_u16(u64 base, u32 off)
 {
     u16 v = 0;
+    if (base)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+    return v;
+}
+
+static __always_inline u8 read_u8(u64 base, u32 off)
+{
+    u8 v = 0;
     if (base)
         bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
     return v;
@@ -209,8 +225,9 @@ static __always_inline u16 hist_bucket(u64 v)
     return (k - HIST_SUB_BITS + 1) * (1 << HIST_SUB_BITS) + sub;
 }
 
+// tracked: the connection is followed to its close (in-flight counts and accept->close time).
 static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_ns, int wait_known,
-                                         int backstop)
+                                         int backstop, int tracked)
 {
     struct worker_key key = {.tgid = tgid, .port = port};
     struct worker_val *val = worker_stats.lookup(&key);
@@ -227,13 +244,15 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
     val->last_ns = now;
     if (backstop)
         __sync_fetch_and_add(&val->backstop, 1);
-    // The fetching form of atomic add (using its result) needs kernel 5.12+: add, then read.
-    __sync_fetch_and_add(&val->inflight, 1);
-    s64 held = val->inflight;   // open connections including this one (racy read: fine for a max)
-    if (held > 1)
-        __sync_fetch_and_add(&val->busy_accepts, 1);
-    if (held > 0 && (u64)held > val->inflight_max)
-        val->inflight_max = held;
+    if (tracked) {
+        // The fetching form of atomic add (using its result) needs kernel 5.12+: add, then read.
+        __sync_fetch_and_add(&val->inflight, 1);
+        s64 held = val->inflight;   // open connections including this one (racy read: fine for a max)
+        if (held > 1)
+            __sync_fetch_and_add(&val->busy_accepts, 1);
+        if (held > 0 && (u64)held > val->inflight_max)
+            val->inflight_max = held;
+    }
     if (!wait_known)
         return;
     __sync_fetch_and_add(&val->wait_count, 1);
@@ -271,16 +290,18 @@ static __always_inline void count_listener(u64 listener_sk, u16 port, u32 *depth
 static __always_inline void count_transition(u32 tgid, u16 port)
 {
     u32 *prev = last_acceptor.lookup(&port);
-    if (prev) {
-        struct trans_key tk = {.prev_tgid = *prev, .tgid = tgid, .port = port};
-        u64 zero = 0;
-        u64 *cnt = transitions.lookup_or_try_init(&tk, &zero);
-        if (cnt)
-            __sync_fetch_and_add(cnt, 1);
-        else
-            diag_inc(DIAG_TRANSITIONS_MAP_FULL);
+    if (!prev) {
+        last_acceptor.update(&port, &tgid);
+        return;
     }
-    last_acceptor.update(&port, &tgid);
+    struct trans_key tk = {.prev_tgid = *prev, .tgid = tgid, .port = port};
+    *prev = tgid;   // in place: an update() would allocate a new element every accept
+    u64 zero = 0;
+    u64 *cnt = transitions.lookup_or_try_init(&tk, &zero);
+    if (cnt)
+        __sync_fetch_and_add(cnt, 1);
+    else
+        diag_inc(DIAG_TRANSITIONS_MAP_FULL);
 }
 
 // The one event-building core, shared by all three hooks.
@@ -300,21 +321,33 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
 
     u64 wait_ns = 0;
     int wait_known = 0;
-    u64 *since = queued_since.lookup(&sk);
-    if (since) {
-        wait_ns = now > *since ? now - *since : 0;
-        wait_known = 1;
-        queued_since.delete(&sk);
-    } else {
-        diag_inc(DIAG_WAIT_UNKNOWN);
+    int tracked = 0;
+    struct conn *c = conns.lookup(&sk);
+    if (c && !c->accepted_ns) {
+        if (c->queued_ns) {
+            wait_ns = now > c->queued_ns ? now - c->queued_ns : 0;
+            wait_known = 1;
+        }
+        c->accepted_ns = now;   // in place; the entry now follows the connection to its close
+        c->tgid = tgid;
+        c->port = lport;
+        tracked = 1;
+    } else if (!c && watched_ports.lookup(&lport) && read_u8(sk, OFF_SK_STATE) != AW_TCP_CLOSE) {
+        // Queued before attach (or the map was full then): follow it from here. Not for a socket
+        // that already died (TCP_CLOSE): no transition would ever remove its entry.
+        struct conn fresh = {.accepted_ns = now, .tgid = tgid, .port = lport};
+        if (conns.update(&sk, &fresh) == 0)
+            tracked = 1;
+        else
+            diag_inc(DIAG_CONNS_MAP_FULL);
     }
+    if (!wait_known)
+        diag_inc(DIAG_WAIT_UNKNOWN);
 
     int backstop = source == SRC_SYSCALL_EXIT && config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT;
     if (backstop)
         diag_inc(DIAG_BACKSTOP_ACCEPTS);
-    count_worker(tgid, lport, now, wait_ns, wait_known, backstop);
-    struct open_conn oc = {.tgid = tgid, .port = lport, .accepted_ns = now};
-    open_conns.update(&sk, &oc);
+    count_worker(tgid, lport, now, wait_ns, wait_known, backstop, tracked);
     count_transition(tgid, lport);
 
     u32 depth = 0, limit = 0;
@@ -362,6 +395,16 @@ static __always_inline int is_tracked(void)
     return tracked.lookup(&tgid) != 0;
 }
 
+// fexit/kretprobe counted this accept: the syscall-exit backstop, which fires next in the same
+// thread, must skip it. (An io_uring accept has no syscall exit, and no accept_call entry.)
+static __always_inline void mark_counted(u64 newsk)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct accept_call *call = in_accept.lookup(&tid);
+    if (call)
+        call->counted_sk = newsk;
+}
+
 // --- Hook 1: fexit on inet_csk_accept -------------------------------------------------------
 // Why: the function every TCP accept goes through (syscalls and io_uring alike), with the
 // listening socket as an argument. The prototype changed in 6.10; probes/offsets.py picks the
@@ -376,8 +419,7 @@ KRETFUNC_PROBE(inet_csk_accept, void *sk, void *flags, void *err, void *kern, vo
     if (!newsk || !is_tracked())
         return 0;
     record_accept(newsk, (u64)sk, SRC_FEXIT);
-    u8 one = 1;
-    counted_socks.update(&newsk, &one);
+    mark_counted(newsk);
     return 0;
 }
 
@@ -390,10 +432,10 @@ int kretprobe__inet_csk_accept(struct pt_regs *ctx)
     if (!newsk || !is_tracked())
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 *listener = in_accept.lookup(&tid);
-    record_accept(newsk, listener ? *listener : 0, SRC_KRETPROBE);
-    u8 one = 1;
-    counted_socks.update(&newsk, &one);
+    struct accept_call *call = in_accept.lookup(&tid);
+    record_accept(newsk, call ? call->listener : 0, SRC_KRETPROBE);
+    if (call)
+        call->counted_sk = newsk;
     return 0;
 }
 
@@ -408,20 +450,27 @@ static __always_inline void on_accept_enter(int fd)
     if (!is_tracked())
         return;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 listener = fd_to_sock(fd);
-    in_accept.update(&tid, &listener);
+    struct accept_call fresh = {.listener = fd_to_sock(fd)};
+    struct accept_call *call = in_accept.lookup(&tid);
+    if (call)
+        *call = fresh;
+    else
+        in_accept.update(&tid, &fresh);
 }
 
 static __always_inline void on_accept_exit(long ret)
 {
-    if (!is_tracked())
-        return;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 listener = 0;
-    u64 *stashed = in_accept.lookup(&tid);
-    if (stashed) {
-        listener = *stashed;
-        in_accept.delete(&tid);
+    struct accept_call *call = in_accept.lookup(&tid);
+    // An entry exists only for tracked threads; without one, the accept began before attach.
+    if (!call && !is_tracked())
+        return;
+    u64 listener = 0, counted_sk = 0;
+    if (call) {
+        listener = call->listener;
+        counted_sk = call->counted_sk;
+        call->listener = 0;
+        call->counted_sk = 0;
     }
     if (ret < 0)
         return;
@@ -430,10 +479,8 @@ static __always_inline void on_accept_exit(long ret)
         diag_inc(DIAG_FD_WALK_FAILED);
         return;
     }
-    if (counted_socks.lookup(&sk)) {   // fexit/kretprobe already counted this one
-        counted_socks.delete(&sk);
+    if (sk == counted_sk)   // fexit/kretprobe already counted this one
         return;
-    }
     record_accept(sk, listener, SRC_SYSCALL_EXIT);
 }
 
@@ -448,14 +495,19 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept_exit(args->ret); return
 // returns, so accept time minus this is the time spent in the queue.
 // The worker is done with an accepted connection when it closes or shuts it down
 // (ESTABLISHED/CLOSE_WAIT -> FIN_WAIT1/LAST_ACK) or the connection dies (-> CLOSE).
+// A raw tracepoint, not the perf one: every TCP state change of the machine passes here (about
+// eight per connection, clients' included), and the raw form skips building a trace record.
 static __always_inline void on_conn_done(u64 sk)
 {
-    struct open_conn *oc = open_conns.lookup(&sk);
-    if (!oc)
+    struct conn *c = conns.lookup(&sk);
+    if (!c)
         return;
-    struct worker_key key = {.tgid = oc->tgid, .port = oc->port};
-    u64 life = bpf_ktime_get_ns() - oc->accepted_ns;
-    open_conns.delete(&sk);
+    u64 accepted_ns = c->accepted_ns;
+    struct worker_key key = {.tgid = c->tgid, .port = c->port};
+    conns.delete(&sk);
+    if (!accepted_ns)
+        return;   // died in the accept queue
+    u64 life = bpf_ktime_get_ns() - accepted_ns;
     struct worker_val *val = worker_stats.lookup(&key);
     if (!val)
         return;
@@ -466,32 +518,33 @@ static __always_inline void on_conn_done(u64 sk)
         val->life_max_ns = life;
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    if (args->protocol != AW_IPPROTO_TCP)
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    u64 sk = ctx->args[0];
+    int newstate = (int)ctx->args[2];
+    // Cheapest test first: most transitions (SYN_SENT, ESTABLISHED, FIN_WAIT2, CLOSE_WAIT,
+    // TIME_WAIT) never matter.
+    if (newstate != AW_TCP_SYN_RECV && newstate != AW_TCP_FIN_WAIT1 && newstate != AW_TCP_LAST_ACK &&
+        newstate != AW_TCP_CLOSE)
         return 0;
-    // Every TCP socket of the machine passes here, clients' included: only sockets whose local
-    // port is one of the server's listeners matter, and a plain hash lookup rejects the rest
-    // before any LRU map is touched.
-    u16 sport = args->sport;
+    // Only sockets whose local port is one of the server's listeners (clients' sockets fail here).
+    u16 sport = read_u16(sk, OFF_SK_NUM);
     if (!watched_ports.lookup(&sport))
         return 0;
-    int newstate = args->newstate;
-    u64 sk = (u64)args->skaddr;
-    if (newstate == AW_TCP_FIN_WAIT1 || newstate == AW_TCP_LAST_ACK || newstate == AW_TCP_CLOSE) {
+    if (read_u16(sk, OFF_SK_PROTOCOL) != AW_IPPROTO_TCP)
+        return 0;
+    if (newstate != AW_TCP_SYN_RECV) {
         on_conn_done(sk);
-        if (newstate == AW_TCP_CLOSE)
-            queued_since.delete(&sk);   // reset before anyone accepted it
         return 0;
     }
     // The child socket is created in SYN_RECV when the handshake's last ACK arrives, and queued
     // right after; its SYN_RECV->ESTABLISHED transition comes later still, so a worker spinning
     // on accept() on another CPU can dequeue it first (seen in the kernel matrix). Stamping at
     // creation cannot be overtaken. (With TCP Fast Open the child is queued at the SYN.)
-    if (newstate != AW_TCP_SYN_RECV)
-        return 0;
-    u64 now = bpf_ktime_get_ns();
-    queued_since.update(&sk, &now);
+    struct conn fresh = {.queued_ns = bpf_ktime_get_ns()};
+    if (conns.update(&sk, &fresh) != 0)
+        diag_inc(DIAG_CONNS_MAP_FULL);
     return 0;
 }
 

@@ -25,8 +25,7 @@ MAP_SIZES: dict[str, int] = {
     "MAX_HIST_KEYS": 262144,  # (worker, port, bucket) queue-wait histogram cells
     "MAX_LISTENERS": 4096,
     "MAX_TRANSITIONS": 262144,  # (port, previous worker, worker)
-    "MAX_QUEUED_SOCKS": 65536,  # LRU: sockets waiting in accept queues
-    "MAX_OPEN_CONNS": 262144,  # LRU: accepted connections not yet closed (in-flight per worker)
+    "MAX_CONNS": 262144,  # connections in accept queues or accepted and not yet closed
 }
 RINGBUF_PAGES = 256  # 1 MiB per-connection event buffer (x86_64 4 KiB pages)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -43,9 +44,12 @@ TRACEPOINT_FNS: dict[str, bytes] = {
     "syscalls:sys_enter_accept4": b"tracepoint__syscalls__sys_enter_accept4",
     "syscalls:sys_exit_accept": b"tracepoint__syscalls__sys_exit_accept",
     "syscalls:sys_exit_accept4": b"tracepoint__syscalls__sys_exit_accept4",
-    "sock:inet_sock_set_state": b"tracepoint__sock__inet_sock_set_state",
     "sched:sched_process_fork": b"tracepoint__sched__sched_process_fork",
     "sched:sched_process_exit": b"tracepoint__sched__sched_process_exit",
+}
+# Raw tracepoints: the program gets the tracepoint's arguments, no trace record is built.
+RAW_TRACEPOINT_FNS: dict[str, bytes] = {
+    "inet_sock_set_state": b"raw_tracepoint__inet_sock_set_state",
 }
 # Enough kretprobe instances for every worker blocked in accept() at once; a miss would still be
 # caught by the syscall-exit backstop, but then counted as a backstop accept.
@@ -128,11 +132,35 @@ def _reason(exc: BaseException, noise: list[str]) -> str:
     return text
 
 
+MADV_PAGEOUT = 21  # linux/mman.h, 5.4+
+# Libraries BCC links that only its compiler uses: ~80 MB of resident code and data once a program
+# has been compiled, never touched again by the daemon (map reads and the ring buffer go through
+# libbpf in libbcc).
+COMPILER_LIBS = ("libLLVM", "libclang")
+
+
 def _release_compiler_memory() -> None:
-    """Give back to the OS the heap clang/LLVM freed after compiling (~25 MB of the daemon's RSS):
-    glibc keeps freed memory for reuse, and the daemon will not compile again."""
+    """Give back what compiling left resident and the daemon will not use again: the heap clang/LLVM
+    freed (~25 MB; glibc keeps freed memory for reuse) and the compiler libraries' pages (~80 MB,
+    asked out with MADV_PAGEOUT; should they ever be needed they fault back in from the files)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.malloc_trim(0)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for start, length in compiler_mappings():
+            libc.madvise(start, length, MADV_PAGEOUT)  # EINVAL before 5.4: nothing to do
+
+
+def compiler_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int]]:
+    """(start, length) of every mapping of the compiler libraries in this process."""
+    out: list[tuple[int, int]] = []
+    with open(maps_path) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and any(lib in fields[5].rsplit("/", 1)[-1] for lib in COMPILER_LIBS):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                out.append((start, end - start))
+    return out
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -163,6 +191,57 @@ def decode_event(data: bytes) -> AcceptEvent:
     )
 
 
+def _int(value: Any) -> int:
+    """A map key or value of a plain integer type: an int from a batch buffer (ctypes converts
+    array items of simple types), a ctypes integer from BCC's own iteration."""
+    return value if isinstance(value, int) else value.value
+
+
+class _TableReader:
+    """Reads a whole BPF map with BPF_MAP_LOOKUP_BATCH (5.6+): one system call per BATCH entries
+    into buffers allocated once, where BCC's items() makes two per entry (get-next-key, lookup)
+    and its items_lookup_batch() allocates buffers for max_entries on every call. The per-worker
+    histogram alone has hundreds of cells, read once a second while the server is busy."""
+
+    BATCH = 256
+
+    def __init__(self, name: bytes, table: Any) -> None:
+        self.name = name.decode()
+        self.table = table
+        self.size = min(self.BATCH, table.max_entries)
+        self.keys = (table.Key * self.size)()
+        self.values = (table.Leaf * self.size)()
+        self.batch_ok = True
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        """(key, value) pairs; both are views into reused buffers: convert them before the next."""
+        if not self.batch_ok:
+            yield from self.table.items()
+            return
+        lib = _import_bcc().libbcc.lib
+        token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        while True:
+            count = ctypes.c_uint32(self.size)
+            res = lib.bpf_lookup_batch(self.table.map_fd, None if first else ctypes.byref(token_in),
+                                       ctypes.byref(token_out), ctypes.byref(self.keys),
+                                       ctypes.byref(self.values), ctypes.byref(count))
+            err = ctypes.get_errno()
+            if res != 0 and err != errno.ENOENT and first and count.value == 0:
+                # Batch lookups unsupported here (before 5.6, or this map type): entry by entry.
+                self.batch_ok = False
+                yield from self.table.items()
+                return
+            if res != 0 and err != errno.ENOENT:
+                raise ProbeError(f"reading BPF map {self.name} failed: {os.strerror(err)}")
+            for i in range(count.value):
+                yield self.keys[i], self.values[i]
+            if res != 0:  # ENOENT: the last entries came with this call
+                return
+            token_in.value = token_out.value
+            first = False
+
+
 class AcceptProbes:
     """Compile, attach, read. Use as a context manager so probes are always detached."""
 
@@ -172,6 +251,7 @@ class AcceptProbes:
         self.program = generate_program(layout)
         self._bpf: Any = None
         self.result: AttachResult | None = None
+        self._readers: dict[bytes, _TableReader] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     def compile(self) -> float:
@@ -210,6 +290,12 @@ class AcceptProbes:
             except Exception as exc:
                 self.close()
                 raise ProbeError(f"cannot attach tracepoint {tp}: {exc}") from exc
+        for tp, fn in RAW_TRACEPOINT_FNS.items():
+            try:
+                self._bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn)
+            except Exception as exc:
+                self.close()
+                raise ProbeError(f"cannot attach raw tracepoint {tp}: {exc}") from exc
 
         order = PROBE_ORDER if probe is None else (probe,)
         attempts: list[AttachAttempt] = []
@@ -260,8 +346,11 @@ class AcceptProbes:
         else:
             for fn in TRACEPOINT_FNS.values():
                 self._bpf.load_func(fn, bcc.BPF.TRACEPOINT)
+            for fn in RAW_TRACEPOINT_FNS.values():
+                self._bpf.load_func(fn, bcc.BPF.RAW_TRACEPOINT)
 
     def close(self) -> None:
+        self._readers.clear()
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._bpf.cleanup()
@@ -289,8 +378,13 @@ class AcceptProbes:
             table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
 
     # -- reading ---------------------------------------------------------------------------------
+    def _items(self, name: bytes) -> Iterator[tuple[Any, Any]]:
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = _TableReader(name, self._bpf[name])
+        return reader.items()
+
     def snapshot(self) -> KernelSnapshot:
-        b = self._bpf
         taken = time.monotonic_ns()
         workers = tuple(
             WorkerCounters(
@@ -300,19 +394,19 @@ class AcceptProbes:
                 busy_accepts=v.busy_accepts, closed=v.closed, life_sum_ns=v.life_sum_ns,
                 life_max_ns=v.life_max_ns,
             )
-            for k, v in b[b"worker_stats"].items()
+            for k, v in self._items(b"worker_stats")
         )
         hist: dict[tuple[int, int], dict[int, int]] = {}
-        for k, v in b[b"wait_hist"].items():
-            hist.setdefault((k.tgid, k.port), {})[k.bucket] = v.value
+        for k, v in self._items(b"wait_hist"):
+            hist.setdefault((k.tgid, k.port), {})[k.bucket] = _int(v)
         listeners = tuple(
-            ListenerCounters(inode=k.value, port=v.port, accepts=v.accepts, depth_last=v.depth_last,
+            ListenerCounters(inode=_int(k), port=v.port, accepts=v.accepts, depth_last=v.depth_last,
                              depth_max=v.depth_max, backlog_limit=v.backlog_limit)
-            for k, v in b[b"listener_stats"].items()
+            for k, v in self._items(b"listener_stats")
         )
-        transitions = {(k.port, k.prev_tgid, k.tgid): v.value for k, v in b[b"transitions"].items()}
-        diag_table = b[b"diag"]
-        diag = {c: diag_table[ctypes.c_int(int(c))].value for c in Counter}
+        transitions = {(k.port, k.prev_tgid, k.tgid): _int(v) for k, v in self._items(b"transitions")}
+        slots = {_int(k): _int(v) for k, v in self._items(b"diag")}
+        diag = {c: slots.get(int(c), 0) for c in Counter}
         return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
 
     def tracked_pids(self) -> set[int]:

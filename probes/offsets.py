@@ -38,6 +38,8 @@ REQUIRED: dict[str, tuple[str, str]] = {
     "SK_SOCKET": ("sock", "sk_socket"),
     "SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "SK_NUM": ("sock", "__sk_common.skc_num"),
+    "SK_STATE": ("sock", "__sk_common.skc_state"),
+    "SK_PROTOCOL": ("sock", "sk_protocol"),  # a u16 since 5.6 (a bitfield before: refused loudly)
     "SK_DPORT": ("sock", "__sk_common.skc_dport"),
     "SK_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
     "SK_DADDR": ("sock", "__sk_common.skc_daddr"),
@@ -70,6 +72,8 @@ EXPECTED: dict[str, FieldExpectation] = {
     "SK_SOCKET": _PTR,
     "SK_FAMILY": FieldExpectation(2, False),
     "SK_NUM": FieldExpectation(2, False),
+    "SK_STATE": FieldExpectation(1, False),
+    "SK_PROTOCOL": FieldExpectation(2, False),
     "SK_DPORT": FieldExpectation(2, False),
     "SK_RCV_SADDR": FieldExpectation(4, False),
     "SK_DADDR": FieldExpectation(4, False),

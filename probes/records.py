@@ -42,6 +42,7 @@ class Counter(enum.IntEnum):
     BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them
     TRACKED_MAP_FULL = 8  # a forked child could not be added to the tracked set
     TRANSITIONS_MAP_FULL = 9  # the accept-sequence transition map was full
+    CONNS_MAP_FULL = 10  # connection map full: a connection's queue wait or in-flight time not followed
 
 
 DIAG_SLOTS = len(Counter)

@@ -380,6 +380,8 @@ def run_workload(
         }
         rounds = spec["rounds"]
         modes = (*MODES, PAUSED) if spec.get("paused") else MODES
+        if args.modes:
+            modes = tuple(m for m in modes if m in args.modes)
         result["modes"] = list(modes)
         redo_left = args.max_redo
         r = 0
@@ -641,6 +643,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seconds to wait for an idle VM before each run (180; then run anyway, noted)",
     )
     p.add_argument("--max-redo", type=int, default=2, help="rounds repeated per workload when disturbed (2)")
+    p.add_argument(
+        "--modes",
+        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+        help=f"comma-separated subset of the modes, to explore (default: {', '.join((*MODES, PAUSED))})",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile run")
     p.add_argument(
         "--no-bpf-stats",
@@ -671,6 +678,9 @@ def main(argv: list[str]) -> int:
     unknown = sorted(set(wanted) - {w["name"] for w in WORKLOADS})
     if unknown:
         raise BenchError(f"unknown workload(s): {', '.join(unknown)}")
+    bad_modes = sorted(set(args.modes or ()) - {*MODES, PAUSED})
+    if bad_modes or (args.modes is not None and "baseline" not in args.modes):
+        raise BenchError(f"--modes must include baseline and name only {', '.join((*MODES, PAUSED))}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="accept-watch-bench-"))

@@ -209,6 +209,7 @@ def build_kernel(
             ("", addr_union, 8 * 8, 0),
             ("", port_union, 8 * 16, 0),
             ("skc_family", fam_type, 8 * 20, 3 if family_bitfield else 0),
+            ("skc_state", b.volatile(u8), 8 * 24, 0),  # volatile unsigned char, as in the kernel
             ("skc_v6_daddr", in6, 8 * 64, 0),
             ("skc_v6_rcv_saddr", in6, 8 * 80, 0),
         ],
@@ -220,6 +221,7 @@ def build_kernel(
         ("sk_ack_backlog", u32t, 8 * 300, 0),
         ("sk_max_ack_backlog", cu32, 8 * 304, 0),
         ("sk_socket", b.ptr(b.fwd("socket")), 8 * 312, 0),  # struct socket is defined further down
+        ("sk_protocol", u16, 8 * 144, 0),
     ]
     sock = b.struct("sock", 400, sock_members)
     if duplicate_sock:  # an un-deduplicated second definition that disagrees
@@ -463,6 +465,8 @@ def test_resolve_offsets_from_synthetic_kernel() -> None:
     )
     assert (d["OFF_SK_DADDR"], d["OFF_SK_RCV_SADDR"], d["OFF_SK_DPORT"], d["OFF_SK_NUM"]) == (8, 12, 16, 18)
     assert (d["OFF_SK_FAMILY"], d["OFF_SK_V6_DADDR"], d["OFF_SK_ACK_BACKLOG"]) == (20, 64, 300)
+    assert (d["OFF_SK_STATE"], d["SIZE_SK_STATE"]) == (24, 1)
+    assert (d["OFF_SK_PROTOCOL"], d["SIZE_SK_PROTOCOL"]) == (144, 2)
     assert (d["OFF_SK_SOCKET"], d["OFF_SOCKET_FILE"], d["OFF_FILE_INODE"], d["OFF_INODE_INO"]) == (
         312,
         32,

@@ -97,3 +97,66 @@ def test_doctor_reports_what_auto_would_use(layout) -> None:
     as_json = run_cli("doctor", "--json")
     names = {c["name"]: c for c in json.loads(as_json.stdout)}
     assert names["auto would use"]["ok"] and names["auto would use"]["detail"] == str(chosen)
+
+
+def _resident_kib(mappings: list[tuple[int, int]]) -> int:
+    """Rss of the given mappings of this process, from /proc/self/smaps."""
+    starts = {start for start, _ in mappings}
+    total, counting = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                counting = int(head.split("-")[0], 16) in starts
+            elif counting and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_compiler_pages_are_given_back_after_compiling(layout) -> None:
+    """After a compile, libLLVM/libclang stay mapped but not resident (issue 5: RSS <= 150 MB).
+    Their private writable data cannot be paged out without swap; the code and constants can."""
+    from accept_watch.probes.kernel import AcceptProbes, compiler_mappings
+
+    with AcceptProbes(layout) as probes:
+        probes.compile()
+        mappings = compiler_mappings()
+        assert mappings, "libLLVM/libclang are not mapped: is BCC linked differently?"
+        mapped_kib = sum(length for _, length in mappings) // 1024
+        resident_kib = _resident_kib(mappings)
+    assert mapped_kib > 50_000  # the compiler really is there (~120 MB mapped)
+    assert resident_kib < 16_000, f"{resident_kib} KiB of the compiler libraries still resident"
+
+
+def test_batched_map_reads_equal_entry_by_entry_reads(layout, monkeypatch) -> None:
+    """snapshot() reads maps with BPF_MAP_LOOKUP_BATCH; BCC's own iteration must see the same."""
+    import os
+    import socket
+
+    from accept_watch.probes import kernel
+    from accept_watch.probes.kernel import AcceptProbes
+
+    monkeypatch.setattr(kernel._TableReader, "BATCH", 3)  # many calls per map: the chaining is tested
+
+    n = 300
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        with AcceptProbes(layout) as probes:
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
+            for _ in range(n):
+                with socket.create_connection(("127.0.0.1", port)):
+                    conn, _ = srv.accept()
+                    conn.close()
+            batched = probes.snapshot()
+            for reader in probes._readers.values():
+                reader.batch_ok = False
+            one_by_one = probes.snapshot()
+    assert next(w for w in batched.workers if w.pid == os.getpid()).accepts == n
+    assert set(batched.workers) == set(one_by_one.workers)
+    assert batched.wait_hist == one_by_one.wait_hist
+    assert sum(batched.wait_hist[(os.getpid(), port)].values()) == n
+    assert set(batched.listeners) == set(one_by_one.listeners)
+    assert batched.transitions == one_by_one.transitions == {(port, os.getpid(), os.getpid()): n - 1}
+    assert batched.diag == one_by_one.diag

@@ -25,9 +25,11 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process (all its threads), in seconds."""
+    """user + system CPU time of a process (all its threads) and of its children it has waited
+    for (a helper command it runs, such as ss), in seconds."""
     f = _stat_fields(pid)
-    return (int(f[11]) + int(f[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    # utime, stime, cutime, cstime (fields 14-17)
+    return (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / CLK_TCK
 
 
 def memory_kib(pid: int) -> dict[str, int]:
