@@ -422,10 +422,11 @@ def _method(add: Any, results: dict[str, Any]) -> None:
         "end of the response (wrk does not time the connect, so accept-queue time is not in it)."
     )
     add(
-        "- accept-watch CPU = user+sys from `/proc/PID/stat` over the load, in % of one core. This is the "
-        "daemon only: the BPF programs run inside the server's and the client's system calls, and their cost "
-        "shows up as throughput loss. RSS = `VmRSS` at the end of the load (peak = `VmHWM`; `RssFile` is "
-        "mostly shared LLVM/BCC libraries)."
+        "- accept-watch CPU = user+sys from `/proc/PID/stat` over the load, its own and its waited-for "
+        "children's (a command it runs), in % of one core. This is the daemon only: the BPF programs run "
+        "inside the server's and the client's system calls, and their cost shows up as throughput loss. "
+        "RSS = `VmRSS` at the end of the load (peak = `VmHWM`; after compiling, accept-watch releases the "
+        "LLVM/clang libraries' pages, which it never uses again)."
     )
     add(
         "- Counts: per worker against the access log (one line per request with `$pid`), total against "
