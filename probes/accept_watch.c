@@ -15,9 +15,11 @@
 #define AW_AF_INET 2
 #define AW_AF_INET6 10
 #define AW_IPPROTO_TCP 6
+#define AW_TCP_ESTABLISHED 1
 #define AW_TCP_SYN_RECV 3
 #define AW_TCP_FIN_WAIT1 4
 #define AW_TCP_CLOSE 7
+#define AW_TCP_CLOSE_WAIT 8
 #define AW_TCP_LAST_ACK 9
 
 struct worker_key {
@@ -317,7 +319,9 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
         diag_inc(DIAG_NON_INET);
         return;
     }
-    u16 lport = read_u16(sk, OFF_SK_NUM);
+    // inet_sport rather than skc_num, which is already 0 if the peer reset the connection while
+    // it waited in the queue (the socket gave its port back).
+    u16 lport = __builtin_bswap16(read_u16(sk, OFF_INET_SPORT));
 
     u64 wait_ns = 0;
     int wait_known = 0;
@@ -522,14 +526,22 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     u64 sk = ctx->args[0];
+    int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
-    // Cheapest test first: most transitions (SYN_SENT, ESTABLISHED, FIN_WAIT2, CLOSE_WAIT,
-    // TIME_WAIT) never matter.
-    if (newstate != AW_TCP_SYN_RECV && newstate != AW_TCP_FIN_WAIT1 && newstate != AW_TCP_LAST_ACK &&
-        newstate != AW_TCP_CLOSE)
+    // Cheapest tests first: most transitions (SYN_SENT, ESTABLISHED, FIN_WAIT2, CLOSE_WAIT,
+    // TIME_WAIT) never matter, nor does the final CLOSE of a socket whose worker already closed
+    // it (its entry went at FIN_WAIT1/LAST_ACK): only a connection that dies while queued or
+    // open (from SYN_RECV, ESTABLISHED or CLOSE_WAIT) still has one.
+    if (newstate == AW_TCP_CLOSE) {
+        if (oldstate != AW_TCP_SYN_RECV && oldstate != AW_TCP_ESTABLISHED && oldstate != AW_TCP_CLOSE_WAIT)
+            return 0;
+    } else if (newstate != AW_TCP_SYN_RECV && newstate != AW_TCP_FIN_WAIT1 && newstate != AW_TCP_LAST_ACK) {
         return 0;
+    }
     // Only sockets whose local port is one of the server's listeners (clients' sockets fail here).
-    u16 sport = read_u16(sk, OFF_SK_NUM);
+    // inet_sport, not skc_num: a socket that gives its port back on close has skc_num zeroed by
+    // the time the CLOSE transition is traced (a connection reset after accept would be missed).
+    u16 sport = __builtin_bswap16(read_u16(sk, OFF_INET_SPORT));
     if (!watched_ports.lookup(&sport))
         return 0;
     if (read_u16(sk, OFF_SK_PROTOCOL) != AW_IPPROTO_TCP)

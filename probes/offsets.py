@@ -39,6 +39,9 @@ REQUIRED: dict[str, tuple[str, str]] = {
     "SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "SK_NUM": ("sock", "__sk_common.skc_num"),
     "SK_STATE": ("sock", "__sk_common.skc_state"),
+    # The local port as inet_sock keeps it (network order): skc_num is zeroed when a closing socket
+    # gives its port back, before the CLOSE transition's tracepoint fires.
+    "INET_SPORT": ("inet_sock", "inet_sport"),
     "SK_PROTOCOL": ("sock", "sk_protocol"),  # a u16 since 5.6 (a bitfield before: refused loudly)
     "SK_DPORT": ("sock", "__sk_common.skc_dport"),
     "SK_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
@@ -73,6 +76,7 @@ EXPECTED: dict[str, FieldExpectation] = {
     "SK_FAMILY": FieldExpectation(2, False),
     "SK_NUM": FieldExpectation(2, False),
     "SK_STATE": FieldExpectation(1, False),
+    "INET_SPORT": FieldExpectation(2, False),
     "SK_PROTOCOL": FieldExpectation(2, False),
     "SK_DPORT": FieldExpectation(2, False),
     "SK_RCV_SADDR": FieldExpectation(4, False),

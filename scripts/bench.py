@@ -726,7 +726,8 @@ def main(argv: list[str]) -> int:
             results["long_run"] = long_run(workdir, args.long, dash_port, args.max_wait)
         results["load_after"] = {"loadavg": loadavg()}
         results["elapsed_s"] = round(time.monotonic() - started, 1)
-        results["targets"] = benchdoc.evaluate_targets(results)
+        # A --modes subset is for exploring: the targets and the document need every mode.
+        results["targets"] = [] if args.modes else benchdoc.evaluate_targets(results)
     finally:
         if args.keep:
             log(f"kept {workdir}")
@@ -734,6 +735,16 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     json_path = args.out_dir / "benchmarks.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
+    if args.modes:
+        log(f"wrote {json_path} in {results['elapsed_s']:.0f} s (--modes: no targets, no benchmarks.md)")
+        for w in results["workloads"]:
+            for mode, fig in w["summary"]["modes"].items():
+                ratio = fig.get("rps_ratio") or {}
+                if ratio:
+                    med, lo, hi = (100 * (ratio[k] - 1) for k in ("median", "min", "max"))
+                    log(f"{w['name']} {mode}: throughput vs baseline {med:+.1f} % "
+                        f"(median of {ratio['n']}; {lo:+.1f} .. {hi:+.1f})")
+        return 0
     md_path = args.out_dir / "benchmarks.md"
     md_path.write_text(benchdoc.render_markdown(results))
     log(f"wrote {json_path} and {md_path} in {results['elapsed_s']:.0f} s")

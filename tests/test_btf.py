@@ -227,6 +227,7 @@ def build_kernel(
     if duplicate_sock:  # an un-deduplicated second definition that disagrees
         b.struct("sock", 400, [*sock_members[:3], ("sk_ack_backlog", u32t, 8 * 320, 0), *sock_members[4:]])
     sock_p = b.ptr(sock)
+    b.struct("inet_sock", 480, [("sk", sock, 0, 0), ("inet_sport", be16, 8 * 440, 0)])
     socket_members = [
         ("state", sint, 0, 0),
         ("file", b.ptr(file_), 8 * 32, 0),
@@ -466,6 +467,7 @@ def test_resolve_offsets_from_synthetic_kernel() -> None:
     assert (d["OFF_SK_DADDR"], d["OFF_SK_RCV_SADDR"], d["OFF_SK_DPORT"], d["OFF_SK_NUM"]) == (8, 12, 16, 18)
     assert (d["OFF_SK_FAMILY"], d["OFF_SK_V6_DADDR"], d["OFF_SK_ACK_BACKLOG"]) == (20, 64, 300)
     assert (d["OFF_SK_STATE"], d["SIZE_SK_STATE"]) == (24, 1)
+    assert (d["OFF_INET_SPORT"], d["SIZE_INET_SPORT"]) == (440, 2)
     assert (d["OFF_SK_PROTOCOL"], d["SIZE_SK_PROTOCOL"]) == (144, 2)
     assert (d["OFF_SK_SOCKET"], d["OFF_SOCKET_FILE"], d["OFF_FILE_INODE"], d["OFF_INODE_INO"]) == (
         312,

@@ -160,3 +160,51 @@ def test_batched_map_reads_equal_entry_by_entry_reads(layout, monkeypatch) -> No
     assert set(batched.listeners) == set(one_by_one.listeners)
     assert batched.transitions == one_by_one.transitions == {(port, os.getpid(), os.getpid()): n - 1}
     assert batched.diag == one_by_one.diag
+
+
+def test_connection_map_empties_and_inflight_returns_to_zero(layout) -> None:
+    """Every way a connection ends removes its entry from the `conns` map (a plain hash: a leak
+    would fill it): the worker closes it, the peer resets it after accept, or the peer resets it
+    while it waits in the accept queue. In-flight goes back to 0."""
+    import os
+    import socket
+    import struct
+    import time
+
+    from accept_watch.probes.kernel import AcceptProbes
+
+    def reset(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        with AcceptProbes(layout) as probes:
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
+            conns = probes._bpf[b"conns"]
+            for _ in range(20):  # the worker closes first
+                with socket.create_connection(("127.0.0.1", port)):
+                    conn, _ = srv.accept()
+                    conn.close()
+            held = []
+            for _ in range(10):  # accepted, then reset by the peer while the worker holds them
+                client = socket.create_connection(("127.0.0.1", port))
+                held.append(srv.accept()[0])
+                reset(client)
+            for _ in range(5):  # reset by the peer while still in the accept queue
+                reset(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.1)
+            mid = next(w for w in probes.snapshot().workers if w.pid == os.getpid())
+            assert mid.accepts == 30 and mid.closed == 30 and mid.inflight == 0
+            for _ in range(5):
+                srv.accept()[0].close()  # dead on arrival: counted, not followed
+            for conn in held:
+                conn.close()
+            time.sleep(0.1)
+            end = next(w for w in probes.snapshot().workers if w.pid == os.getpid())
+            left = len(list(conns.keys()))
+    assert end.accepts == 35
+    assert (end.closed, end.inflight) == (30, 0)
+    assert left == 0, f"{left} connections left in the conns map"
