@@ -669,6 +669,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.render_only:
         results = json.loads(args.render_only.read_text())
+        results["targets"] = benchdoc.evaluate_targets(results)  # with the current evaluation code
+        args.render_only.write_text(json.dumps(results, indent=1) + "\n")
         md = args.render_only.with_suffix(".md")
         md.write_text(benchdoc.render_markdown(results))
         log(f"wrote {md}")
@@ -788,7 +790,7 @@ def bpf_cost_run(args: argparse.Namespace, workdir: Path, dash_port: int) -> dic
             i
             for i, p in _bpf_progs().items()
             if i not in before_ids
-            and p.get("name", "").startswith(("tracepoint__", "kretfunc__", "kretprobe__"))
+            and p.get("name", "").startswith(("tracepoint__", "raw_tracepoint", "kretfunc__", "kretprobe__"))
         }
         if not ours:
             raise BenchError("found no BPF program of accept-watch in bpftool's list")

@@ -155,6 +155,22 @@ def _all_aw_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def cost_estimate(results: dict[str, Any]) -> dict[str, float] | None:
+    """accept-watch's share of the machine's CPU at nginx's full speed, from accounting rather than
+    throughput: the BPF programs' run time (bpf_stats run) and the daemon's CPU (median of the `aw`
+    runs), each divided by the cores that client and server saturate. The BPF figure includes the
+    statistics' own clock reads and leaves out the hooks' dispatch: it is an estimate, not a bound."""
+    wmax = _workload(results, "nginx-max")
+    bs = results.get("bpf_stats") or {}
+    if not wmax or "total_pct_of_core" not in bs:
+        return None
+    ncpu = results["machine"]["nproc"] or 1
+    bpf = bs["total_pct_of_core"] / ncpu
+    daemon = wmax["summary"]["modes"]["aw"]["cpu_pct"]["median"] / ncpu
+    return {"bpf_pct_of_machine": round(bpf, 2), "daemon_pct_of_machine": round(daemon, 2),
+            "total_pct_of_machine": round(bpf + daemon, 2)}
+
+
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, str]]:
     """The issue's targets, each met / missed / not run, with the measured figure."""
     out: list[dict[str, str]] = []
@@ -167,12 +183,25 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, str]]:
         m = wmax["summary"]["modes"]
         loss = 1 - m["aw"]["rps_ratio"]["median"]
         bt_loss = 1 - m["bpftrace"]["rps_ratio"]["median"]
-        add(
-            "throughput",
-            "Throughput loss ≤ 1 % at the VM's max accept rate (nginx)",
-            "met" if loss <= 0.01 else "missed",
-            f"{_pct(loss)} (median of {m['aw']['rps_ratio']['n']} rounds; accept-watch default mode)",
+        spread = m["aw"]["rps_ratio"]
+        measured = (
+            f"{_pct(loss)} (median of {spread['n']} rounds, spread {_pct(1 - spread['max'])} to "
+            f"{_pct(1 - spread['min'])}; accept-watch default mode)"
         )
+        # The paired rounds cannot resolve 1 % when the baseline itself varies by several %: the
+        # kernel's accounting of the programs' run time plus the daemon's CPU, as a share of the
+        # machine, is the sharper estimate. Both must be within the target.
+        estimate = cost_estimate(results)
+        ok = loss <= 0.01 and (estimate is None or estimate["total_pct_of_machine"] <= 1.0)
+        if estimate is not None:
+            total, bpf, daemon = (estimate[k] for k in
+                                  ("total_pct_of_machine", "bpf_pct_of_machine", "daemon_pct_of_machine"))
+            measured += (
+                f"; estimated from CPU accounting: {total:.1f} % of the machine "
+                f"(BPF programs {bpf:.1f} %, daemon {daemon:.1f} %)"
+            )
+        add("throughput", "Throughput loss ≤ 1 % at the VM's max accept rate (nginx)",
+            "met" if ok else "missed", measured)
         add(
             "vs_bpftrace",
             "… and lower than the bpftrace one-liner's",
@@ -655,6 +684,12 @@ def _limits_section(add: Any, results: dict[str, Any]) -> None:
             m = wmax["summary"]["modes"]
             loss = 1 - m["aw"]["rps_ratio"]["median"]
             cpu = m["aw"]["cpu_pct"]["median"]
+            cv = wmax["summary"].get("baseline_cv")
+            if cv is not None:
+                add(
+                    f"  - The baseline alone varies by {100 * cv:.1f} % (CV) from run to run, so paired "
+                    "rounds cannot tell a 1 % loss from none; the CPU accounting below is the sharper figure."
+                )
             add(
                 f"  - The daemon used {cpu:.1f} % of a core at full speed, i.e. {cpu / ncpu:.1f} % of the "
                 f"{ncpu} cores that client and server saturate."
