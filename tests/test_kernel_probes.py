@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from accept_watch.probes.records import PROBE_ORDER, ProbeKind
@@ -128,31 +133,36 @@ def test_compiler_pages_are_given_back_after_compiling(layout) -> None:
     assert resident_kib < 16_000, f"{resident_kib} KiB of the compiler libraries still resident"
 
 
-def test_batched_map_reads_equal_entry_by_entry_reads(layout, monkeypatch) -> None:
-    """snapshot() reads maps with BPF_MAP_LOOKUP_BATCH; BCC's own iteration must see the same."""
-    import os
-    import socket
-
-    from accept_watch.probes import kernel
+@contextlib.contextmanager
+def _watching_own_listener(layout) -> Iterator[tuple[socket.socket, int, Any]]:
+    """A listening socket in this test process, with the tracepoint probes attached to this process
+    and that port: (listener, port, AcceptProbes)."""
     from accept_watch.probes.kernel import AcceptProbes
 
-    monkeypatch.setattr(kernel._TableReader, "BATCH", 3)  # many calls per map: the chaining is tested
-
-    n = 300
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(64)
         port = srv.getsockname()[1]
         with AcceptProbes(layout) as probes:
             probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
-            for _ in range(n):
-                with socket.create_connection(("127.0.0.1", port)):
-                    conn, _ = srv.accept()
-                    conn.close()
-            batched = probes.snapshot()
-            for reader in probes._readers.values():
-                reader.batch_ok = False
-            one_by_one = probes.snapshot()
+            yield srv, port, probes
+
+
+def test_batched_map_reads_equal_entry_by_entry_reads(layout, monkeypatch) -> None:
+    """snapshot() reads maps with BPF_MAP_LOOKUP_BATCH; BCC's own iteration must see the same."""
+    from accept_watch.probes import kernel
+
+    monkeypatch.setattr(kernel._TableReader, "BATCH", 3)  # many calls per map: the chaining is tested
+    n = 300
+    with _watching_own_listener(layout) as (srv, port, probes):
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port)):
+                conn, _ = srv.accept()
+                conn.close()
+        batched = probes.snapshot()
+        for reader in probes._readers.values():
+            reader.batch_ok = False
+        one_by_one = probes.snapshot()
     assert next(w for w in batched.workers if w.pid == os.getpid()).accepts == n
     assert set(batched.workers) == set(one_by_one.workers)
     assert batched.wait_hist == one_by_one.wait_hist
@@ -166,45 +176,36 @@ def test_connection_map_empties_and_inflight_returns_to_zero(layout) -> None:
     """Every way a connection ends removes its entry from the `conns` map (a plain hash: a leak
     would fill it): the worker closes it, the peer resets it after accept, or the peer resets it
     while it waits in the accept queue. In-flight goes back to 0."""
-    import os
-    import socket
     import struct
     import time
-
-    from accept_watch.probes.kernel import AcceptProbes
 
     def reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
 
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(64)
-        port = srv.getsockname()[1]
-        with AcceptProbes(layout) as probes:
-            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
-            conns = probes._bpf[b"conns"]
-            for _ in range(20):  # the worker closes first
-                with socket.create_connection(("127.0.0.1", port)):
-                    conn, _ = srv.accept()
-                    conn.close()
-            held = []
-            for _ in range(10):  # accepted, then reset by the peer while the worker holds them
-                client = socket.create_connection(("127.0.0.1", port))
-                held.append(srv.accept()[0])
-                reset(client)
-            for _ in range(5):  # reset by the peer while still in the accept queue
-                reset(socket.create_connection(("127.0.0.1", port)))
-            time.sleep(0.1)
-            mid = next(w for w in probes.snapshot().workers if w.pid == os.getpid())
-            assert mid.accepts == 30 and mid.closed == 30 and mid.inflight == 0
-            for _ in range(5):
-                srv.accept()[0].close()  # dead on arrival: counted, not followed
-            for conn in held:
+    with _watching_own_listener(layout) as (srv, port, probes):
+        conns = probes._bpf[b"conns"]
+        for _ in range(20):  # the worker closes first
+            with socket.create_connection(("127.0.0.1", port)):
+                conn, _ = srv.accept()
                 conn.close()
-            time.sleep(0.1)
-            end = next(w for w in probes.snapshot().workers if w.pid == os.getpid())
-            left = len(list(conns.keys()))
+        held = []
+        for _ in range(10):  # accepted, then reset by the peer while the worker holds them
+            client = socket.create_connection(("127.0.0.1", port))
+            held.append(srv.accept()[0])
+            reset(client)
+        for _ in range(5):  # reset by the peer while still in the accept queue
+            reset(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(0.1)
+        mid = next(w for w in probes.snapshot().workers if w.pid == os.getpid())
+        assert mid.accepts == 30 and mid.closed == 30 and mid.inflight == 0
+        for _ in range(5):
+            srv.accept()[0].close()  # dead on arrival: counted, not followed
+        for conn in held:
+            conn.close()
+        time.sleep(0.1)
+        end = next(w for w in probes.snapshot().workers if w.pid == os.getpid())
+        left = len(list(conns.keys()))
     assert end.accepts == 35
     assert (end.closed, end.inflight) == (30, 0)
     assert left == 0, f"{left} connections left in the conns map"
