@@ -617,12 +617,19 @@ def _long_section(add: Any, long: dict[str, Any]) -> None:
     add("")
 
 
-def _profile_section(add: Any, prof_run: dict[str, Any]) -> None:
-    add("## Where accept-watch's CPU goes (py-spy, ~10 k connections/s)")
+def _section_head(add: Any, title: str, run: dict[str, Any]) -> bool:
+    """The section's title; False (after saying why) when its run was skipped."""
+    add(f"## {title}")
     add("")
-    if "skipped" in prof_run:
-        add(prof_run["skipped"])
+    if "skipped" in run:
+        add(run["skipped"])
         add("")
+        return False
+    return True
+
+
+def _profile_section(add: Any, prof_run: dict[str, Any]) -> None:
+    if not _section_head(add, "Where accept-watch's CPU goes (py-spy, ~10 k connections/s)", prof_run):
         return
     p = prof_run["profile"]
     add(
@@ -641,11 +648,7 @@ def _profile_section(add: Any, prof_run: dict[str, Any]) -> None:
 
 
 def _bpf_section(add: Any, bs: dict[str, Any]) -> None:
-    add("## Where the in-kernel cost goes (BPF run time, nginx at full speed)")
-    add("")
-    if "skipped" in bs:
-        add(bs["skipped"])
-        add("")
+    if not _section_head(add, "Where the in-kernel cost goes (BPF run time, nginx at full speed)", bs):
         return
     add(
         f"One extra `aw` run (not in the tables) with `kernel.bpf_stats_enabled=1` during the load "
