@@ -284,18 +284,15 @@ class AcceptProbes:
         # Tracepoints first: from here on every accept of a tracked process is counted, whatever
         # happens to the attempts below.
         self._set_config(defines.ConfigSlot.PROBE_KIND, defines.PROBE_KIND_IDS[ProbeKind.TRACEPOINT])
-        for tp, fn in TRACEPOINT_FNS.items():
+        always = [("tracepoint", self._bpf.attach_tracepoint, tp, fn) for tp, fn in TRACEPOINT_FNS.items()]
+        always += [("raw tracepoint", self._bpf.attach_raw_tracepoint, tp, fn)
+                   for tp, fn in RAW_TRACEPOINT_FNS.items()]
+        for what, attach, tp, fn in always:
             try:
-                self._bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn)
+                attach(tp=tp.encode(), fn_name=fn)
             except Exception as exc:
                 self.close()
-                raise ProbeError(f"cannot attach tracepoint {tp}: {exc}") from exc
-        for tp, fn in RAW_TRACEPOINT_FNS.items():
-            try:
-                self._bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn)
-            except Exception as exc:
-                self.close()
-                raise ProbeError(f"cannot attach raw tracepoint {tp}: {exc}") from exc
+                raise ProbeError(f"cannot attach {what} {tp}: {exc}") from exc
 
         order = PROBE_ORDER if probe is None else (probe,)
         attempts: list[AttachAttempt] = []

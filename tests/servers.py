@@ -102,7 +102,7 @@ def post_worker_init(worker):
 class RecordingServer:
     """A server process tree writing per-pid records (one line per accepted connection, the ground
     truth) under record_dir. Subclasses set workdir, record_dir and _final_records, define stop(),
-    and may override close()."""
+    and may extend what close() keeps (_keep_final) and how it cleans up (_remove_files)."""
 
     workdir: Path
     record_dir: Path
@@ -120,13 +120,19 @@ class RecordingServer:
         return count_by_pid(self.records())
 
     def close(self) -> None:
-        """stop(), keep the records in memory, remove the work directory."""
+        """stop(), keep the final records in memory, remove the files."""
         try:
             self.stop()
         finally:
             if self._final_records is None and self.record_dir.exists():
-                self._final_records = read_records(self.record_dir)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+                self._keep_final()
+            self._remove_files()
+
+    def _keep_final(self) -> None:
+        self._final_records = read_records(self.record_dir)
+
+    def _remove_files(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> RecordingServer:
         return self
@@ -181,15 +187,12 @@ class Server(RecordingServer):
         """SIGTERM the master, SIGKILL after a timeout, and leave no orphaned worker. Idempotent."""
         self._gunicorn.stop()
 
-    def close(self) -> None:
-        """stop(), keep the final records in memory, remove the files."""
-        try:
-            self.stop()
-        finally:
-            if self._final_records is None and self.record_dir.exists():
-                self._final_records = read_records(self.record_dir)
-                self._final_booted = self.booted_workers()
-            self._gunicorn.close()
+    def _keep_final(self) -> None:
+        super()._keep_final()
+        self._final_booted = self.booted_workers()
+
+    def _remove_files(self) -> None:
+        self._gunicorn.close()
 
 
 def start_gunicorn(
