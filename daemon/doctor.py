@@ -70,6 +70,8 @@ def _probe_checks() -> list[Check]:
         return [Check("BTF offsets", False, str(exc))]
     out.append(Check("BTF offsets", True, f"{len(layout.defines)} offsets/sizes resolved"))
     out.append(Check("inet_csk_accept", layout.accept_proto != "unknown", layout.accept_proto_text))
+    # Either way works; reading the saved registers spares a program on every accept() entry.
+    out.append(Check("listener at exit", None, layout.syscall_arg1_text))
     chosen = None
     for kind in PROBE_ORDER:
         try:

@@ -56,9 +56,10 @@ struct conn {
     u16 pad;
 };
 
-// The accept() call a thread is in, from sys_enter_accept* to its exit.
+// The accept() call a thread is in, until its syscall exit.
 struct accept_call {
-    u64 listener;      // listening sock (0: unknown)
+    u64 listener;      // listening sock stashed by sys_enter_accept* (0: unknown or not stashed)
+    u64 listener_ino;
     u64 counted_sk;    // accepted sock fexit/kretprobe already counted (the backstop skips it)
 };
 
@@ -118,7 +119,7 @@ BPF_HASH(transitions, struct trans_key, u64, MAX_TRANSITIONS);
 // which is far cheaper than inserting and deleting) and removed when the thread exits.
 BPF_HASH(in_accept, u32, struct accept_call, MAX_TRACKED);
 // Local ports whose connections we follow from queue entry to close (the servers' listeners).
-BPF_HASH(watched_ports, u16, u8, MAX_LISTENERS);
+BPF_ARRAY(watched_ports, u8, 65536);
 // Child sock -> its connection. A plain preallocated hash, not an LRU: measured here, an LRU
 // insert costs ~130 ns against ~25 ns, and every socket reaches TCP_CLOSE, where its entry is
 // deleted, so nothing accumulates; an insert into a full map is counted (DIAG_CONNS_MAP_FULL).
@@ -138,6 +139,13 @@ static __always_inline u64 config_get(u32 slot)
 {
     u64 *v = config.lookup(&slot);
     return v ? *v : 0;
+}
+
+static __always_inline int port_watched(u16 port)
+{
+    u32 idx = port;
+    u8 *v = watched_ports.lookup(&idx);
+    return v && *v;
 }
 
 static __always_inline u64 read_ptr(u64 base, u32 off)
@@ -172,35 +180,48 @@ static __always_inline u8 read_u8(u64 base, u32 off)
     return v;
 }
 
-// fd -> struct sock * of the current task: task->files->fdt->fd[fd]->private_data (a
-// struct socket for socket files)->sk. The fd was just returned by (or passed to) accept,
-// so it is a socket fd.
-static __always_inline u64 fd_to_sock(int fd)
+// The current task's open-file table (task->files->fdt): read once per accept, shared by the
+// accepted fd and the listening fd.
+struct fd_table {
+    u64 fd;        // struct file *fd[]
+    u32 max_fds;
+};
+
+static __always_inline int current_fd_table(struct fd_table *t)
 {
-    if (fd < 0)
-        return 0;
-    u64 task = bpf_get_current_task();
-    u64 files = read_ptr(task, OFF_TASK_FILES);
-    u64 fdt = read_ptr(files, OFF_FILES_FDT);
+    u64 fdt = read_ptr(read_ptr(bpf_get_current_task(), OFF_TASK_FILES), OFF_FILES_FDT);
     if (!fdt)
         return 0;
-    u32 max_fds = read_u32(fdt, OFF_FDT_MAX_FDS);
-    if ((u32)fd >= max_fds)
-        return 0;
-    u64 fd_array = read_ptr(fdt, OFF_FDT_FD);
-    u64 file = read_ptr(fd_array, (u32)fd * 8);
-    u64 socket = read_ptr(file, OFF_FILE_PRIVATE_DATA);
-    return read_ptr(socket, OFF_SOCKET_SK);
+    t->max_fds = read_u32(fdt, OFF_FDT_MAX_FDS);
+    t->fd = read_ptr(fdt, OFF_FDT_FD);
+    return t->fd != 0;
 }
 
-// Listening sock -> inode number of its socket file (what /proc/PID/fd shows as socket:[N]).
-static __always_inline u64 sock_inode(u64 sk)
+// fd -> its struct socket (the file's private_data). Only for fds known to be sockets: the one
+// accept() returned, the one it was called on.
+static __always_inline u64 fd_socket(struct fd_table *t, int fd)
 {
-    u64 socket = read_ptr(sk, OFF_SK_SOCKET);
-    u64 file = read_ptr(socket, OFF_SOCKET_FILE);
-    u64 inode = read_ptr(file, OFF_FILE_INODE);
-    return read_ptr(inode, OFF_INODE_INO);
+    if (fd < 0 || (u32)fd >= t->max_fds)
+        return 0;
+    return read_ptr(read_ptr(t->fd, (u32)fd * 8), OFF_FILE_PRIVATE_DATA);
 }
+
+// struct socket -> inode number of its file (what /proc/PID/fd shows as socket:[N]): the socket is
+// the first member of struct socket_alloc, whose inode follows it.
+static __always_inline u64 socket_inode(u64 socket)
+{
+    return read_ptr(socket, OFF_SOCKET_ALLOC_INO);
+}
+
+#if LISTENER_FROM_REGS
+// The system call's first argument as saved at syscall entry (user registers). At an accept
+// syscall's exit that is the listening fd: no sys_enter program needed.
+static __always_inline int syscall_arg1(void)
+{
+    u64 regs = (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+    return (int)read_ptr(regs, OFF_PT_REGS_ARG1);
+}
+#endif
 
 // floor(log2(v)) for v > 0. Not __builtin_clzll: BCC 0.26's LLVM aborts on it for BPF.
 static __always_inline u32 log2_u64(u64 v)
@@ -271,13 +292,12 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
         diag_inc(DIAG_HIST_MAP_FULL);
 }
 
-static __always_inline void count_listener(u64 listener_sk, u16 port, u32 *depth, u32 *limit, u64 *ino)
+static __always_inline void count_listener(u64 listener_sk, u64 ino, u16 port, u32 *depth, u32 *limit)
 {
     *depth = read_u32(listener_sk, OFF_SK_ACK_BACKLOG);
     *limit = read_u32(listener_sk, OFF_SK_MAX_ACK_BACKLOG);
-    *ino = sock_inode(listener_sk);
     struct listener_val zero = {.port = port};
-    struct listener_val *lv = listener_stats.lookup_or_try_init(ino, &zero);
+    struct listener_val *lv = listener_stats.lookup_or_try_init(&ino, &zero);
     if (!lv)
         return;
     __sync_fetch_and_add(&lv->accepts, 1);
@@ -307,8 +327,8 @@ static __always_inline void count_transition(u32 tgid, u16 port)
 }
 
 // The one event-building core, shared by all three hooks.
-// sk: the accepted socket; listener_sk: the listening socket, 0 when unknown.
-static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
+// sk: the accepted socket; listener_sk: the listening socket, 0 when unknown; listener_ino: its inode.
+static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_ino, u8 source)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
@@ -336,7 +356,7 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
         c->tgid = tgid;
         c->port = lport;
         tracked = 1;
-    } else if (!c && watched_ports.lookup(&lport) && read_u8(sk, OFF_SK_STATE) != AW_TCP_CLOSE) {
+    } else if (!c && port_watched(lport) && read_u8(sk, OFF_SK_STATE) != AW_TCP_CLOSE) {
         // Queued before attach (or the map was full then): follow it from here. Not for a socket
         // that already died (TCP_CLOSE): no transition would ever remove its entry.
         struct conn fresh = {.accepted_ns = now, .tgid = tgid, .port = lport};
@@ -355,9 +375,8 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
     count_transition(tgid, lport);
 
     u32 depth = 0, limit = 0;
-    u64 ino = 0;
     if (listener_sk)
-        count_listener(listener_sk, lport, &depth, &limit, &ino);
+        count_listener(listener_sk, listener_ino, lport, &depth, &limit);
     else
         diag_inc(DIAG_LISTENER_UNKNOWN);
 
@@ -370,7 +389,7 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u8 source)
     }
     ev->ts_ns = now;
     ev->wait_ns = wait_ns;
-    ev->listener_ino = ino;
+    ev->listener_ino = listener_sk ? listener_ino : 0;
     ev->tgid = tgid;
     ev->tid = (u32)pid_tgid;
     ev->backlog = depth;
@@ -400,13 +419,18 @@ static __always_inline int is_tracked(void)
 }
 
 // fexit/kretprobe counted this accept: the syscall-exit backstop, which fires next in the same
-// thread, must skip it. (An io_uring accept has no syscall exit, and no accept_call entry.)
+// thread, must skip it. (An io_uring accept has no syscall exit: its mark is replaced at the
+// thread's next accept, whose socket differs.)
 static __always_inline void mark_counted(u64 newsk)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct accept_call *call = in_accept.lookup(&tid);
-    if (call)
-        call->counted_sk = newsk;
+    if (call) {
+        call->counted_sk = newsk;   // in place, call after call
+        return;
+    }
+    struct accept_call fresh = {.counted_sk = newsk};
+    in_accept.update(&tid, &fresh);
 }
 
 // --- Hook 1: fexit on inet_csk_accept -------------------------------------------------------
@@ -422,14 +446,16 @@ KRETFUNC_PROBE(inet_csk_accept, void *sk, void *flags, void *err, void *kern, vo
     u64 newsk = (u64)ret;
     if (!newsk || !is_tracked())
         return 0;
-    record_accept(newsk, (u64)sk, SRC_FEXIT);
+    u64 listener = (u64)sk;
+    record_accept(newsk, listener, socket_inode(read_ptr(listener, OFF_SK_SOCKET)), SRC_FEXIT);
     mark_counted(newsk);
     return 0;
 }
 
 // --- Hook 2: kretprobe on inet_csk_accept ---------------------------------------------------
 // Why: same function where fentry/fexit are unavailable; a kretprobe sees only the return
-// value, so the listener comes from the sys_enter_accept* stash (unknown for io_uring).
+// value, so the listener comes from the sys_enter_accept* stash (attached in this mode; unknown
+// for io_uring, whose saved registers are not accept's).
 int kretprobe__inet_csk_accept(struct pt_regs *ctx)
 {
     u64 newsk = PT_REGS_RC(ctx);
@@ -437,24 +463,36 @@ int kretprobe__inet_csk_accept(struct pt_regs *ctx)
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct accept_call *call = in_accept.lookup(&tid);
-    record_accept(newsk, call ? call->listener : 0, SRC_KRETPROBE);
-    if (call)
-        call->counted_sk = newsk;
+    u64 listener = 0, listener_ino = 0;
+    if (call) {
+        listener = call->listener;
+        listener_ino = call->listener_ino;
+    }
+    record_accept(newsk, listener, listener_ino, SRC_KRETPROBE);
+    mark_counted(newsk);
     return 0;
 }
 
 // --- Hook 3: accept syscall tracepoints -----------------------------------------------------
-// Why: available wherever tracepoints are (no kprobes, no fentry needed). sys_enter gives the
-// listening fd; sys_exit gives the new fd, resolved to its sock through the fd table. In
-// fexit/kretprobe mode this is the backstop: an accept() that was already blocked when the
-// probes were attached never passes through a freshly attached fexit/kretprobe return, but
+// Why: available wherever tracepoints are (no kprobes, no fentry needed). sys_exit gives the new
+// fd, resolved to its sock through the fd table; the listening fd is the call's first argument,
+// read from the saved registers where the kernel lets us (LISTENER_FROM_REGS, 5.15+), else
+// stashed by sys_enter (attached only then, and for the kretprobe, which has no other way).
+// In fexit/kretprobe mode sys_exit is the backstop: an accept() that was already blocked when
+// the probes were attached never passes through a freshly attached fexit/kretprobe return, but
 // its syscall exit is always seen.
 static __always_inline void on_accept_enter(int fd)
 {
     if (!is_tracked())
         return;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct accept_call fresh = {.listener = fd_to_sock(fd)};
+    struct accept_call fresh = {};
+    struct fd_table t = {};
+    if (current_fd_table(&t)) {
+        u64 socket = fd_socket(&t, fd);
+        fresh.listener = read_ptr(socket, OFF_SOCKET_SK);
+        fresh.listener_ino = socket_inode(socket);
+    }
     struct accept_call *call = in_accept.lookup(&tid);
     if (call)
         *call = fresh;
@@ -466,26 +504,38 @@ static __always_inline void on_accept_exit(long ret)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct accept_call *call = in_accept.lookup(&tid);
-    // An entry exists only for tracked threads; without one, the accept began before attach.
+    // An entry exists only for tracked threads (sys_enter's stash, or fexit/kretprobe's mark).
     if (!call && !is_tracked())
         return;
-    u64 listener = 0, counted_sk = 0;
+    u64 listener = 0, listener_ino = 0, counted_sk = 0;
     if (call) {
         listener = call->listener;
+        listener_ino = call->listener_ino;
         counted_sk = call->counted_sk;
         call->listener = 0;
+        call->listener_ino = 0;
         call->counted_sk = 0;
     }
     if (ret < 0)
         return;
-    u64 sk = fd_to_sock((int)ret);
+    struct fd_table t = {};
+    u64 sk = 0;
+    if (current_fd_table(&t))
+        sk = read_ptr(fd_socket(&t, (int)ret), OFF_SOCKET_SK);
     if (!sk) {
         diag_inc(DIAG_FD_WALK_FAILED);
         return;
     }
     if (sk == counted_sk)   // fexit/kretprobe already counted this one
         return;
-    record_accept(sk, listener, SRC_SYSCALL_EXIT);
+#if LISTENER_FROM_REGS
+    if (!listener) {
+        u64 socket = fd_socket(&t, syscall_arg1());
+        listener = read_ptr(socket, OFF_SOCKET_SK);
+        listener_ino = socket_inode(socket);
+    }
+#endif
+    record_accept(sk, listener, listener_ino, SRC_SYSCALL_EXIT);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_accept) { on_accept_enter(args->fd); return 0; }
@@ -542,7 +592,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     // inet_sport, not skc_num: a socket that gives its port back on close has skc_num zeroed by
     // the time the CLOSE transition is traced (a connection reset after accept would be missed).
     u16 sport = __builtin_bswap16(read_u16(sk, OFF_INET_SPORT));
-    if (!watched_ports.lookup(&sport))
+    if (!port_watched(sport))
         return 0;
     if (read_u16(sk, OFF_SK_PROTOCOL) != AW_IPPROTO_TCP)
         return 0;

@@ -30,10 +30,10 @@ MAP_SIZES: dict[str, int] = {
 RINGBUF_PAGES = 256  # 1 MiB per-connection event buffer (x86_64 4 KiB pages)
 
 
-def generated_defines(layout_defines: dict[str, int], accept_proto_sk_arg: bool) -> dict[str, int]:
+def generated_defines(layout_defines: dict[str, int]) -> dict[str, int]:
+    """layout_defines: the kernel's (KernelLayout.define_values()); then the Python enums and sizes."""
     out: dict[str, int] = {}
     out.update(layout_defines)
-    out["ACCEPT_PROTO_SK_ARG"] = int(accept_proto_sk_arg)
     out.update({f"DIAG_{c.name}": int(c) for c in Counter})
     out["DIAG_SLOTS"] = DIAG_SLOTS
     out.update({f"SRC_{s.name}": int(s) for s in EventSource})

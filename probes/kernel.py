@@ -39,13 +39,18 @@ from .records import (
 
 FEXIT_FN = b"kretfunc__inet_csk_accept"
 KRETPROBE_FN = b"kretprobe__inet_csk_accept"
+# Attached in every mode.
 TRACEPOINT_FNS: dict[str, bytes] = {
-    "syscalls:sys_enter_accept": b"tracepoint__syscalls__sys_enter_accept",
-    "syscalls:sys_enter_accept4": b"tracepoint__syscalls__sys_enter_accept4",
     "syscalls:sys_exit_accept": b"tracepoint__syscalls__sys_exit_accept",
     "syscalls:sys_exit_accept4": b"tracepoint__syscalls__sys_exit_accept4",
     "sched:sched_process_fork": b"tracepoint__sched__sched_process_fork",
     "sched:sched_process_exit": b"tracepoint__sched__sched_process_exit",
+}
+# The listening-fd stash: attached where the syscall exit cannot read the fd from the saved
+# registers (KernelLayout.listener_from_regs false), and for the kretprobe, which needs the stash.
+ENTER_TRACEPOINT_FNS: dict[str, bytes] = {
+    "syscalls:sys_enter_accept": b"tracepoint__syscalls__sys_enter_accept",
+    "syscalls:sys_enter_accept4": b"tracepoint__syscalls__sys_enter_accept4",
 }
 # Raw tracepoints: the program gets the tracepoint's arguments, no trace record is built.
 RAW_TRACEPOINT_FNS: dict[str, bytes] = {
@@ -87,7 +92,7 @@ def bpf_source() -> str:
 
 def generate_program(layout: KernelLayout) -> str:
     """The full BPF C text: generated #defines, then the shipped program."""
-    values = defines.generated_defines(layout.defines, layout.accept_proto == "sk_arg")
+    values = defines.generated_defines(layout.define_values())
     return defines.render(values) + "\n" + bpf_source()
 
 
@@ -284,15 +289,15 @@ class AcceptProbes:
         # Tracepoints first: from here on every accept of a tracked process is counted, whatever
         # happens to the attempts below.
         self._set_config(defines.ConfigSlot.PROBE_KIND, defines.PROBE_KIND_IDS[ProbeKind.TRACEPOINT])
-        always = [("tracepoint", self._bpf.attach_tracepoint, tp, fn) for tp, fn in TRACEPOINT_FNS.items()]
-        always += [("raw tracepoint", self._bpf.attach_raw_tracepoint, tp, fn)
-                   for tp, fn in RAW_TRACEPOINT_FNS.items()]
-        for what, attach, tp, fn in always:
-            try:
-                attach(tp=tp.encode(), fn_name=fn)
-            except Exception as exc:
-                self.close()
-                raise ProbeError(f"cannot attach {what} {tp}: {exc}") from exc
+        try:
+            self._attach_tracepoints(TRACEPOINT_FNS)
+            if not self.layout.listener_from_regs:
+                self._attach_tracepoints(ENTER_TRACEPOINT_FNS)
+            for tp, fn in RAW_TRACEPOINT_FNS.items():
+                self._attach_one("raw tracepoint", self._bpf.attach_raw_tracepoint, tp, fn)
+        except ProbeError:
+            self.close()
+            raise
 
         order = PROBE_ORDER if probe is None else (probe,)
         attempts: list[AttachAttempt] = []
@@ -308,12 +313,28 @@ class AcceptProbes:
         tried = "; ".join(f"{a.kind}: {a.error}" for a in attempts)
         raise ProbeError(f"no probe could be attached ({tried})")
 
+    def _attach_one(self, what: str, attach: Callable[..., Any], tp: str, fn: bytes) -> None:
+        try:
+            attach(tp=tp.encode(), fn_name=fn)
+        except Exception as exc:
+            raise ProbeError(f"cannot attach {what} {tp}: {exc}") from exc
+
+    def _attach_tracepoints(self, fns: dict[str, bytes]) -> None:
+        for tp, fn in fns.items():
+            self._attach_one("tracepoint", self._bpf.attach_tracepoint, tp, fn)
+
     def _try_primary(self, kind: ProbeKind) -> str | None:
         if kind is ProbeKind.TRACEPOINT:
             return None  # already attached above
         if kind is ProbeKind.FEXIT and self.layout.accept_proto == "unknown":
             return "inet_csk_accept is not in the kernel's BTF"
+        # The kretprobe finds the listener only in sys_enter's stash: attach it first, so the
+        # kretprobe's first accept already has it.
+        stash = kind is ProbeKind.KRETPROBE and self.layout.listener_from_regs
+        noise: list[str] = []
         try:
+            if stash:
+                self._attach_tracepoints(ENTER_TRACEPOINT_FNS)
             with _captured_stderr() as noise:
                 if kind is ProbeKind.FEXIT:
                     self._bpf.attach_kretfunc(fn_name=FEXIT_FN)
@@ -321,7 +342,11 @@ class AcceptProbes:
                     self._bpf.attach_kretprobe(event=b"inet_csk_accept", fn_name=KRETPROBE_FN,
                                                maxactive=KRETPROBE_MAXACTIVE)
         except Exception as exc:
-            return _reason(exc, noise)
+            if stash:
+                for tp in ENTER_TRACEPOINT_FNS:
+                    with contextlib.suppress(Exception):
+                        self._bpf.detach_tracepoint(tp=tp.encode())
+            return str(exc) if isinstance(exc, ProbeError) else _reason(exc, noise)
         return None
 
     def _describe(self, kind: ProbeKind) -> str:
@@ -329,7 +354,8 @@ class AcceptProbes:
             return f"fexit {self.layout.accept_proto_text}; syscall-exit tracepoints as backstop"
         if kind is ProbeKind.KRETPROBE:
             return "kretprobe inet_csk_accept (return value only); syscall-exit tracepoints as backstop"
-        return "syscalls:sys_exit_accept/accept4 tracepoints, new fd resolved through the task's fd table"
+        return ("syscalls:sys_exit_accept/accept4 tracepoints, new fd resolved through the task's fd table; "
+                + self.layout.syscall_arg1_text)
 
     def load_only(self, kind: ProbeKind) -> None:
         """Verifier-load one hook's program without attaching it (tests, doctor)."""
@@ -341,7 +367,7 @@ class AcceptProbes:
         elif kind is ProbeKind.KRETPROBE:
             self._bpf.load_func(KRETPROBE_FN, bcc.BPF.KPROBE)
         else:
-            for fn in TRACEPOINT_FNS.values():
+            for fn in (*TRACEPOINT_FNS.values(), *ENTER_TRACEPOINT_FNS.values()):
                 self._bpf.load_func(fn, bcc.BPF.TRACEPOINT)
             for fn in RAW_TRACEPOINT_FNS.values():
                 self._bpf.load_func(fn, bcc.BPF.RAW_TRACEPOINT)
@@ -372,7 +398,7 @@ class AcceptProbes:
     def watch_ports(self, ports: Iterable[int]) -> None:
         table = self._bpf[b"watched_ports"]
         for port in ports:
-            table[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+            table[ctypes.c_int(port)] = ctypes.c_uint8(1)
 
     # -- reading ---------------------------------------------------------------------------------
     def _items(self, name: bytes) -> Iterator[tuple[Any, Any]]:

@@ -8,6 +8,7 @@ Resolution costs ~0.1-0.2 s of BTF parsing, so the result is cached per kernel b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
@@ -31,10 +32,11 @@ REQUIRED: dict[str, tuple[str, str]] = {
     "FDT_FD": ("fdtable", "fd"),
     "FDT_MAX_FDS": ("fdtable", "max_fds"),
     "FILE_PRIVATE_DATA": ("file", "private_data"),
-    "FILE_INODE": ("file", "f_inode"),
-    "INODE_INO": ("inode", "i_ino"),
     "SOCKET_SK": ("socket", "sk"),
-    "SOCKET_FILE": ("socket", "file"),  # listener inode: sk -> socket -> file -> inode
+    # The listener's inode number (what /proc/PID/fd shows as socket:[N]): a socket file's struct
+    # socket is the first member of struct socket_alloc, next to its inode, so one read from the
+    # socket pointer instead of three (socket -> file -> f_inode -> i_ino).
+    "SOCKET_ALLOC_INO": ("socket_alloc", "vfs_inode.i_ino"),
     "SK_SOCKET": ("sock", "sk_socket"),
     "SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "SK_NUM": ("sock", "__sk_common.skc_num"),
@@ -68,10 +70,8 @@ EXPECTED: dict[str, FieldExpectation] = {
     "FDT_FD": _PTR,
     "FDT_MAX_FDS": FieldExpectation(4, False),
     "FILE_PRIVATE_DATA": _PTR,
-    "FILE_INODE": _PTR,
-    "INODE_INO": FieldExpectation(8, False),
     "SOCKET_SK": _PTR,
-    "SOCKET_FILE": _PTR,
+    "SOCKET_ALLOC_INO": FieldExpectation(8, False),
     "SK_SOCKET": _PTR,
     "SK_FAMILY": FieldExpectation(2, False),
     "SK_NUM": FieldExpectation(2, False),
@@ -88,6 +88,14 @@ EXPECTED: dict[str, FieldExpectation] = {
 }
 
 ACCEPT_FUNC = "inet_csk_accept"
+
+# Where the first system-call argument stays in the user registers saved at syscall entry (struct
+# pt_regs), per architecture: at an accept() syscall's exit it is still the listening fd, so the
+# exit program finds the listener without an entry program. x86_64 keeps %rdi; arm64 overwrites x0
+# with the return value and keeps the argument in orig_x0.
+SYSCALL_ARG1_FIELD = {"x86_64": "di", "aarch64": "orig_x0"}
+# bpf_get_current_task_btf (5.11) and bpf_task_pt_regs (5.15) reach those registers.
+REGS_HELPERS = ("bpf_get_current_task_btf", "bpf_task_pt_regs")
 
 
 class AcceptProto(enum.StrEnum):
@@ -111,7 +119,7 @@ _PROTO_SHAPES: dict[AcceptProto, tuple[frozenset[str], ...]] = {
 _PROTO_ERA = {AcceptProto.SK_FLAGS_ERR_KERN: "before 6.10", AcceptProto.SK_ARG: "6.10+"}
 
 # Bump when the cached JSON's meaning changes; REQUIRED/EXPECTED are hashed into the key anyway.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _CACHE_FILE = "kernel-layout.json"
 _HEAD_BYTES = 64 * 1024
 
@@ -121,23 +129,36 @@ class KernelLayout:
     defines: dict[str, int]  # OFF_<NAME> and SIZE_<NAME> for every REQUIRED entry
     accept_proto: AcceptProto
     accept_proto_text: str  # e.g. "inet_csk_accept(struct sock *sk, struct proto_accept_arg *arg) [6.10+]"
+    # Offset of the first syscall argument in struct pt_regs, -1 when the listening fd cannot be read
+    # at syscall exit (then a sys_enter program stashes it); the text says which way and why.
+    syscall_arg1_off: int = -1
+    syscall_arg1_text: str = ""
     # How this object was obtained (set by load_layout; not part of the cached data).
     source: str = field(default="btf", compare=False)  # "btf" or "cache"
     load_seconds: float = field(default=0.0, compare=False)
     cache_status: str = field(default="", compare=False)  # hit | miss | stale | corrupt | unwritable
 
-    def c_defines(self) -> str:
-        """#define lines for the BPF C, plus ACCEPT_PROTO_SK_ARG (0/1) selecting the fexit signature,
-        as probes/defines.py emits it."""
-        lines = [f"#define {k} {v}" for k, v in sorted(self.defines.items())]
-        lines.append(f"#define ACCEPT_PROTO_SK_ARG {int(self.accept_proto is AcceptProto.SK_ARG)}")
-        return "\n".join(lines) + "\n"
+    def define_values(self) -> dict[str, int]:
+        """The kernel-dependent #defines of the BPF C: OFF_/SIZE_ of every REQUIRED field,
+        ACCEPT_PROTO_SK_ARG (the fexit signature), LISTENER_FROM_REGS and OFF_PT_REGS_ARG1."""
+        out = dict(sorted(self.defines.items()))
+        out["ACCEPT_PROTO_SK_ARG"] = int(self.accept_proto is AcceptProto.SK_ARG)
+        out["LISTENER_FROM_REGS"] = int(self.listener_from_regs)
+        out["OFF_PT_REGS_ARG1"] = max(self.syscall_arg1_off, 0)
+        return out
+
+    @property
+    def listener_from_regs(self) -> bool:
+        """The accept syscall's exit reads the listening fd from the saved registers."""
+        return self.syscall_arg1_off >= 0
 
     def to_json(self) -> dict[str, object]:
         return {
             "defines": dict(self.defines),
             "accept_proto": self.accept_proto.value,
             "accept_proto_text": self.accept_proto_text,
+            "syscall_arg1_off": self.syscall_arg1_off,
+            "syscall_arg1_text": self.syscall_arg1_text,
         }
 
     @classmethod
@@ -156,8 +177,12 @@ class KernelLayout:
         desc = doc.get("accept_proto_text")
         if not isinstance(desc, str):
             raise ValueError("'accept_proto_text' is not a string")
+        arg1, arg1_text = doc.get("syscall_arg1_off"), doc.get("syscall_arg1_text")
+        if type(arg1) is not int or arg1 < -1 or not isinstance(arg1_text, str):
+            raise ValueError("'syscall_arg1_off'/'syscall_arg1_text' missing or malformed")
         return cls(
-            defines=dict(defines), accept_proto=AcceptProto(doc.get("accept_proto")), accept_proto_text=desc
+            defines=dict(defines), accept_proto=AcceptProto(doc.get("accept_proto")), accept_proto_text=desc,
+            syscall_arg1_off=arg1, syscall_arg1_text=arg1_text,
         )
 
 
@@ -183,8 +208,33 @@ def resolve_offsets(btf: Btf) -> KernelLayout:
             raise BtfError(f"{where} has type {m.type_name}; the BPF code expects {want}")
         defines[f"OFF_{name}"] = m.offset_bytes
         defines[f"SIZE_{name}"] = m.size_bytes
+    if btf.member("socket_alloc", "socket").offset_bytes != 0:
+        raise BtfError("socket_alloc.socket is not at offset 0; the BPF code reads a socket's inode from it")
     proto, desc = accept_prototype(btf)
-    return KernelLayout(defines=defines, accept_proto=proto, accept_proto_text=desc)
+    arg1, arg1_text = syscall_arg1(btf)
+    return KernelLayout(defines=defines, accept_proto=proto, accept_proto_text=desc,
+                        syscall_arg1_off=arg1, syscall_arg1_text=arg1_text)
+
+
+def syscall_arg1(btf: Btf, machine: str | None = None) -> tuple[int, str]:
+    """(offset of the first syscall argument in struct pt_regs, how the listener is found). -1 means
+    the sys_enter program is needed; never an error."""
+    machine = machine or os.uname().machine
+    field_name = SYSCALL_ARG1_FIELD.get(machine)
+    stash = "listening fd stashed by sys_enter_accept*"
+    if field_name is None:
+        return -1, f"{stash} (saved-register layout not known for {machine})"
+    missing = [h for h in REGS_HELPERS if not btf.func_exists(h)]
+    if missing:
+        return -1, f"{stash} ({', '.join(missing)} not in this kernel: 5.15+)"
+    try:
+        m = btf.member("pt_regs", field_name)
+    except BtfError:
+        return -1, f"{stash} (pt_regs.{field_name} not in BTF)"
+    if m.size_bytes != 8 or m.bitfield:
+        return -1, f"{stash} (pt_regs.{field_name} is {m.size_bytes} bytes)"
+    how = f"listening fd read at syscall exit from the saved registers (pt_regs.{field_name})"
+    return m.offset_bytes, how
 
 
 def accept_prototype(btf: Btf) -> tuple[AcceptProto, str]:
@@ -279,7 +329,7 @@ _CORRUPT_SEEN = [0]  # process-wide count, reported in the warning
 
 
 def _with_meta(layout: KernelLayout, source: str, secs: float, status: str) -> KernelLayout:
-    return KernelLayout(layout.defines, layout.accept_proto, layout.accept_proto_text, source, secs, status)
+    return dataclasses.replace(layout, source=source, load_seconds=secs, cache_status=status)
 
 
 def _write_cache(directory: Path, path: Path, key: str, layout: KernelLayout) -> bool:

@@ -36,7 +36,9 @@ class Counter(enum.IntEnum):
     STATS_MAP_FULL = 1  # worker stats map full: an accept could not be counted (a real loss)
     HIST_MAP_FULL = 2  # queue-wait histogram map full: a wait sample was dropped
     FD_WALK_FAILED = 3  # accept returned an fd we could not resolve to a socket (a real loss)
-    LISTENER_UNKNOWN = 4  # accept without a seen sys_enter (e.g. blocked before attach): no queue depth
+    # The listening socket was not found: an accept() blocked before attach where the listening fd is
+    # stashed at sys_enter (kernels < 5.15), or an io_uring accept seen by the kretprobe.
+    LISTENER_UNKNOWN = 4
     WAIT_UNKNOWN = 5  # accepted socket whose SYN_RECV->ESTABLISHED we did not see: no queue wait
     NON_INET = 6  # accept of a non-IPv4/IPv6 socket by a tracked process (ignored, e.g. unix sockets)
     BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them

@@ -10,6 +10,8 @@ at fixed lower rates, and measures in paired, interleaved rounds:
   aw-events  the same with --events FILE (the per-connection stream, decoded in Python)
   bpftrace   a bpftrace one-liner printing one line per accept (sys_exit_accept4) to a file
 
+A pinned loopback measurement (scripts/bench/loopback.py) resolves what the nginx rounds cannot:
+CPU per connection with accept-watch, with empty programs on its hooks (the floor), with bpftrace.
 Then accept-watch's startup time (cold and warm layout cache), a py-spy profile of the daemon at
 10 k connections/s, and a long run of 1 M connections (memory must stay flat). Counts are checked
 against the servers' own records: an access log line per request with the worker's pid, and nginx's
@@ -40,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
 import benchdoc
+import loopback
 from procstat import (
     busy_cores,
     loadavg,
@@ -648,6 +651,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
         help=f"comma-separated subset of the modes, to explore (default: {', '.join((*MODES, PAUSED))})",
     )
+    p.add_argument(
+        "--loopback-rounds", type=int, default=7,
+        help="rounds of the pinned loopback measurement (7; 0 = skip)",
+    )
+    p.add_argument(
+        "--loopback-conns", type=int, default=200_000, help="connections per pinned loopback run (200000)"
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile run")
     p.add_argument(
         "--no-bpf-stats",
@@ -662,6 +672,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.rounds, args.max_rounds, args.duration = 1, 1, 3.0
         args.long = min(args.long, 100_000)
         args.startup_runs, args.calibrate_s = 1, 2.0
+        args.loopback_rounds, args.loopback_conns = 1, min(args.loopback_conns, 50_000)
     return args
 
 
@@ -720,6 +731,10 @@ def main(argv: list[str]) -> int:
                 continue
             spec = dict(spec, rounds=args.max_rounds if spec["name"] == "nginx-max" else args.rounds)
             results["workloads"].append(run_workload(spec, args, workdir, dash_port))
+        if args.loopback_rounds > 0:
+            results["loopback"] = loopback.loopback_run(
+                args.loopback_rounds, args.loopback_conns, workdir, wait_quiet, args.max_wait, log
+            )
         if not args.no_profile and "nginx-10k" in wanted:
             results["profile"] = profile_run(results, args, workdir, dash_port)
         if not args.no_bpf_stats:

@@ -25,6 +25,7 @@ from accept_watch.probes.offsets import (
     KernelLayout,
     load_layout,
     resolve_offsets,
+    syscall_arg1,
 )
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -156,6 +157,8 @@ def build_kernel(
     family_bitfield: bool = False,
     duplicate_sock: bool = False,
     sk_as_integer: bool = False,
+    regs_helpers: bool = True,
+    socket_in_socket_alloc_at: int = 0,
 ) -> tuple[BtfBuilder, dict[str, int]]:
     """A miniature 'vmlinux' with every struct in offsets.REQUIRED, at made-up offsets.
 
@@ -233,7 +236,11 @@ def build_kernel(
         ("file", b.ptr(file_), 8 * 32, 0),
         ("sk", ulong if sk_as_integer else sock_p, 8 * 40, 0),
     ]
-    b.struct("socket", 64, socket_members)
+    socket = b.struct("socket", 64, socket_members)
+    b.struct(
+        "socket_alloc", 160,
+        [("socket", socket, 8 * socket_in_socket_alloc_at, 0), ("vfs_inode", inode, 8 * 64, 0)],
+    )  # fmt: skip
     ids.update(sock=sock, sock_common=skc, file=file_, sint=sint, u32=u32)
     if accept == "sk_arg":
         arg = b.struct("proto_accept_arg", 16, [("flags", sint, 0, 0), ("err", sint, 32, 0)])
@@ -245,6 +252,12 @@ def build_kernel(
     elif accept == "weird":
         proto = b.func_proto(sock_p, [("sk", sock_p)])
         ids["accept"] = b.func("inet_csk_accept", proto)
+    # Saved user registers (x86_64 spelling) and the helpers that reach them (5.15+).
+    regs = [("r15", ulong, 0, 0), ("di", ulong, 8 * 112, 0), ("orig_ax", ulong, 8 * 120, 0)]
+    b.struct("pt_regs", 168, regs)
+    if regs_helpers:
+        for helper in ("bpf_get_current_task_btf", "bpf_task_pt_regs"):
+            b.func(helper, b.func_proto(ulong, [("", ulong)]))
     # A variadic function and a function pointer, for spelling.
     b.func("_printk", b.func_proto(sint, [("fmt", b.ptr(b.const(b.int_("char", 1, signed=True)))), ("", 0)]))
     return b, ids
@@ -469,19 +482,14 @@ def test_resolve_offsets_from_synthetic_kernel() -> None:
     assert (d["OFF_SK_STATE"], d["SIZE_SK_STATE"]) == (24, 1)
     assert (d["OFF_INET_SPORT"], d["SIZE_INET_SPORT"]) == (440, 2)
     assert (d["OFF_SK_PROTOCOL"], d["SIZE_SK_PROTOCOL"]) == (144, 2)
-    assert (d["OFF_SK_SOCKET"], d["OFF_SOCKET_FILE"], d["OFF_FILE_INODE"], d["OFF_INODE_INO"]) == (
-        312,
-        32,
-        48,
-        40,
-    )
+    assert (d["OFF_SK_SOCKET"], d["OFF_SOCKET_ALLOC_INO"]) == (312, 64 + 40)
     assert all(d[f"SIZE_{n}"] == e.size for n, e in EXPECTED.items())
     assert layout.accept_proto is AcceptProto.SK_ARG
     assert (
         layout.accept_proto_text == "inet_csk_accept(struct sock *sk, struct proto_accept_arg *arg) [6.10+]"
     )
-    text = layout.c_defines()
-    assert "#define OFF_SK_NUM 18\n" in text and "#define ACCEPT_PROTO_SK_ARG 1\n" in text
+    values = layout.define_values()
+    assert values["OFF_SK_NUM"] == 18 and values["ACCEPT_PROTO_SK_ARG"] == 1
 
 
 @pytest.mark.parametrize(
@@ -566,7 +574,8 @@ def test_cache_is_keyed_by_blob(blob_file: Path, tmp_path: Path) -> None:
 
 
 _CACHE_DOC = (
-    b'{"format": 1, "key": "KEY", "layout": {"defines": %s, "accept_proto": "%s", "accept_proto_text": ""}}'
+    b'{"format": 2, "key": "KEY", "layout": {"defines": %s, "accept_proto": "%s", "accept_proto_text": "", '
+    b'"syscall_arg1_off": 112, "syscall_arg1_text": ""}}'
 )
 
 
@@ -577,6 +586,8 @@ _CACHE_DOC = (
         b"\xff\xfe\x00",
         _CACHE_DOC % (b"{}", b"sk_arg"),  # no defines
         _CACHE_DOC % (b"DEFS", b"bogus"),  # unknown prototype value
+        _CACHE_DOC.replace(b"112", b"-7") % (b"DEFS", b"sk_arg"),  # impossible register offset
+        _CACHE_DOC.replace(b'"format": 2', b'"format": 1') % (b"DEFS", b"sk_arg"),  # older format
         b"[1, 2]",
     ],
 )
@@ -690,9 +701,10 @@ def test_vmlinux_accept_proto_matches_kernel_version(vmlinux: Btf) -> None:
 def test_vmlinux_offsets_match_bpftool(vmlinux: Btf, bpftool_raw: str) -> None:
     layout = resolve_offsets(vmlinux)
     assert layout.defines["OFF_SOCKET_SK"] == _bpftool_struct_member(bpftool_raw, "socket", "sk")
-    assert layout.defines["OFF_SOCKET_FILE"] == _bpftool_struct_member(bpftool_raw, "socket", "file")
     assert layout.defines["OFF_SK_SOCKET"] == _bpftool_struct_member(bpftool_raw, "sock", "sk_socket")
-    assert layout.defines["OFF_INODE_INO"] == _bpftool_struct_member(bpftool_raw, "inode", "i_ino")
+    assert layout.defines["OFF_SOCKET_ALLOC_INO"] == _bpftool_struct_member(
+        bpftool_raw, "socket_alloc", "vfs_inode"
+    ) + _bpftool_struct_member(bpftool_raw, "inode", "i_ino")
     assert layout.defines["OFF_FILES_FDT"] == _bpftool_struct_member(bpftool_raw, "files_struct", "fdt")
     assert layout.defines["OFF_TASK_FILES"] == _bpftool_struct_member(bpftool_raw, "task_struct", "files")
     common = _bpftool_struct_member(bpftool_raw, "sock", "__sk_common")
@@ -751,3 +763,39 @@ def test_load_layout_real_kernel(tmp_path: Path) -> None:
     assert (first.source, second.source) == ("btf", "cache")
     assert second == first
     assert second.load_seconds < first.load_seconds
+
+
+# ---------------------------------------------------------------------- listening fd at syscall exit
+
+
+def test_listener_from_saved_registers_where_helpers_and_layout_allow() -> None:
+    b, _ = build_kernel()
+    btf = Btf.from_bytes(b.build())
+    assert syscall_arg1(btf, "x86_64") == (
+        112, "listening fd read at syscall exit from the saved registers (pt_regs.di)"
+    )
+    layout = resolve_offsets(btf)
+    if os.uname().machine == "x86_64":
+        assert layout.listener_from_regs and layout.define_values()["OFF_PT_REGS_ARG1"] == 112
+    assert layout.define_values()["LISTENER_FROM_REGS"] == int(layout.listener_from_regs)
+
+
+@pytest.mark.parametrize(
+    ("regs_helpers", "machine", "why"),
+    [
+        (False, "x86_64", "bpf_get_current_task_btf, bpf_task_pt_regs not in this kernel: 5.15+"),
+        (True, "riscv64", "saved-register layout not known for riscv64"),
+        (True, "aarch64", "pt_regs.orig_x0 not in BTF"),
+    ],
+)
+def test_listener_stashed_by_sys_enter_otherwise(regs_helpers: bool, machine: str, why: str) -> None:
+    b, _ = build_kernel(regs_helpers=regs_helpers)
+    arg1, text = syscall_arg1(Btf.from_bytes(b.build()), machine)
+    assert arg1 == -1
+    assert text == f"listening fd stashed by sys_enter_accept* ({why})"
+
+
+def test_socket_inode_needs_socket_first_in_socket_alloc() -> None:
+    b, _ = build_kernel(socket_in_socket_alloc_at=8)
+    with pytest.raises(BtfError, match=r"socket_alloc\.socket is not at offset 0"):
+        resolve_offsets(Btf.from_bytes(b.build()))

@@ -209,3 +209,41 @@ def test_connection_map_empties_and_inflight_returns_to_zero(layout) -> None:
     assert end.accepts == 35
     assert (end.closed, end.inflight) == (30, 0)
     assert left == 0, f"{left} connections left in the conns map"
+
+
+@pytest.mark.parametrize("listener_from", ["saved registers", "sys_enter stash"])
+def test_listener_of_each_accept_is_known_both_ways(layout, listener_from) -> None:
+    """The accept syscall's exit finds the listening fd in the saved registers (5.15+, no sys_enter
+    program attached) or in sys_enter's stash (older kernels: forced here). One thread accepting
+    on two listeners in turn: each accept is counted under its own listener's inode."""
+    import dataclasses
+
+    from accept_watch.probes.kernel import ENTER_TRACEPOINT_FNS, AcceptProbes
+    from accept_watch.probes.records import Counter
+
+    if listener_from == "saved registers":
+        if not layout.listener_from_regs:
+            pytest.skip(f"this kernel: {layout.syscall_arg1_text}")
+    else:
+        layout = dataclasses.replace(layout, syscall_arg1_off=-1, syscall_arg1_text="forced: stash")
+    n = 40
+    with socket.socket() as a, socket.socket() as b:
+        for srv in (a, b):
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(64)
+        ports = [a.getsockname()[1], b.getsockname()[1]]
+        with AcceptProbes(layout) as probes:
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=ports)
+            enter_attached = {tp.decode() for tp in probes._bpf.tracepoint_fds} & set(ENTER_TRACEPOINT_FNS)
+            for i in range(2 * n):
+                srv, port = (a, ports[0]) if i % 2 == 0 else (b, ports[1])
+                with socket.create_connection(("127.0.0.1", port)):
+                    srv.accept()[0].close()
+            snap = probes.snapshot()
+        inodes = {os.fstat(a.fileno()).st_ino: ports[0], os.fstat(b.fileno()).st_ino: ports[1]}
+    assert bool(enter_attached) == (listener_from == "sys_enter stash"), enter_attached
+    assert {lst.inode: (lst.port, lst.accepts) for lst in snap.listeners} == {
+        ino: (port, n) for ino, port in inodes.items()
+    }
+    assert snap.diag[Counter.LISTENER_UNKNOWN] == 0
+    assert sum(w.accepts for w in snap.workers if w.pid == os.getpid()) == 2 * n

@@ -23,7 +23,9 @@ int main(int argc,char**argv){
   pid_t srv=fork();
   if(!srv){ char buf[64]; for(int i=0;i<n;i++){int c=accept4(ls,0,0,0); if(c<0){perror("accept");_exit(1);} read(c,buf,sizeof buf); write(c,"HTTP/1.0 200 OK\r\n\r\n",19); close(c);} _exit(0);}
   close(ls);
-  if(argc>3){printf("pid %d\n",getpid());fflush(stdout);sleep(atoi(argv[3]));}
+  // argv[3]: seconds to wait before starting (to attach a tool), or "-": wait for a line on stdin.
+  if(argc>3){printf("pid %d\n",getpid());fflush(stdout);
+    if(strcmp(argv[3],"-")==0){char line[8]; if(!fgets(line,sizeof line,stdin)) return 1;} else sleep(atoi(argv[3]));}
   double t0=now();
   pid_t cli=fork();
   if(!cli){ char buf[64]; for(int i=0;i<n;i++){int s=socket(AF_INET,SOCK_STREAM,0); if(connect(s,(void*)&a,sizeof a)){perror("connect");_exit(1);} write(s,"GET / HTTP/1.0\r\n\r\n",18); while(read(s,buf,sizeof buf)>0); struct linger lg={1,0}; setsockopt(s,SOL_SOCKET,SO_LINGER,&lg,sizeof lg); close(s);} _exit(0);}

@@ -1,0 +1,46 @@
+"""Attach empty BPF programs to the hooks accept-watch uses in tracepoint mode, until SIGINT.
+
+The bench's `floor` mode: what the hooks cost before accept-watch does any work in them. The hook
+list is accept-watch's own (probes/kernel.py, and the same choice of sys_enter or not), so the two
+cannot drift apart; floor.c must define a program for each (BCC fails to attach a missing one, loudly).
+Usage (root): .venv/bin/python scripts/bench/micro/floor.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from accept_watch.probes.kernel import ENTER_TRACEPOINT_FNS, RAW_TRACEPOINT_FNS, TRACEPOINT_FNS, _import_bcc
+from accept_watch.probes.offsets import load_layout
+
+
+def main() -> int:
+    bcc = _import_bcc()
+
+    class _ManualAttachBPF(bcc.BPF):  # type: ignore[misc, name-defined]
+        def _trace_autoload(self) -> None:  # attach exactly accept-watch's hook list, below
+            return None
+
+    bpf = _ManualAttachBPF(src_file=str(Path(__file__).with_name("floor.c")).encode())
+    # As accept-watch in tracepoint mode on this kernel: sys_enter only where the listening fd cannot
+    # be read at syscall exit.
+    tracepoints = dict(TRACEPOINT_FNS)
+    if not load_layout().listener_from_regs:
+        tracepoints.update(ENTER_TRACEPOINT_FNS)
+    for tp, fn in tracepoints.items():
+        bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn)
+    for tp, fn in RAW_TRACEPOINT_FNS.items():
+        bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn)
+    print(f"floor: attached {len(tracepoints) + len(RAW_TRACEPOINT_FNS)} empty programs", file=sys.stderr,
+          flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()
+    bpf.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
