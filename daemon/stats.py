@@ -132,6 +132,8 @@ class Aggregator:
     ) -> None:
         self.probe = probe
         self.probe_detail = probe_detail
+        # The syscall-exit backstop next to fexit/kretprobe (daemon/backstop.py), once attached.
+        self.backstop: dict[str, Any] | None = None
         self.kernel = kernel
         self.clock = ClockMap(wall_clock, mono_clock)
         self._lookup = process_lookup
@@ -521,6 +523,7 @@ class Aggregator:
             "master_cmdline": self._topology.master_cmdline,
             "probe": self.probe,
             "probe_detail": self.probe_detail,
+            "backstop": self.backstop,
             "kernel": self.kernel,
             "started_at": iso_utc(self.clock.start_wall),
             "updated_at": self.clock.iso(updated),

@@ -244,7 +244,7 @@ def _observe(proc: _Process, tid: int, st: SyscallState, table: dict[int, str]) 
     return _Obs(category, bool(proc.inodes) and bool(proc.listener_fds()), name, None, tid)
 
 
-def _read_task_states(pid: int) -> dict[int, SyscallState]:
+def read_task_states(pid: int) -> dict[int, SyscallState]:
     states: dict[int, SyscallState] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -280,7 +280,7 @@ class _Sampler:
             return
         self.samples += 1
         try:
-            states = _read_task_states(self.pid)
+            states = read_task_states(self.pid)
         except PermissionError:
             self.denied = f"permission denied reading /proc/{self.pid}/task/*/syscall (needs root)"
             return

@@ -23,6 +23,7 @@ from accept_watch.probes import environment
 from accept_watch.probes.records import AcceptEvent, KernelSnapshot, ProbeKind
 
 from . import analysis, discovery, export, terminal, waitmode
+from .backstop import Backstop
 from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
@@ -125,11 +126,15 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
             print(f"accept-watch: dry run OK: probe {result.kind}, {len(topology.processes)} processes, "
                   f"ports {', '.join(map(str, ports))}")
             return 0
-        return _loop(args, probes, topology, aggregator, wait_modes, stop)
+        # After the primary hook is attached: a thread found inside accept() from here on either
+        # entered it before (the backstop will see its exit) or after (the primary sees it).
+        backstop = Backstop(probes, result.kind, topology.processes.keys(), time.monotonic())
+        aggregator.backstop = backstop.to_doc()
+        return _loop(args, probes, topology, aggregator, wait_modes, stop, backstop)
 
 
 def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
-          wait_modes: WaitModes, stop: threading.Event) -> int:
+          wait_modes: WaitModes, stop: threading.Event, backstop: Backstop) -> int:
     from accept_watch.probes.kernel import ProbeError
 
     only = set(args.port) if args.port else None
@@ -159,6 +164,8 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             _wait(probes, stop, tick_end, events=writer is not None or args.stream)
             now = time.monotonic()
             snapshot = probes.snapshot()
+            backstop.check(now)
+            aggregator.backstop = backstop.to_doc()
             if tree.due(now, snapshot):
                 topology = _refresh(probes, topology, watch_new_ports=only is None)
                 tree.scanned(now, topology, snapshot)

@@ -212,6 +212,7 @@ class SyntheticSource:
             "master_cmdline": f"gunicorn -w {len(self.pids)} app:app",
             "probe": self.probe,
             "probe_detail": "synthetic source (no kernel): simulated traffic for previews and tests",
+            "backstop": {"state": "not used", "pending_at_attach": 0, "retired_after_s": None},
             "kernel": "synthetic",
             "started_at": self._started.isoformat(),
             "updated_at": now.isoformat(),

@@ -90,6 +90,16 @@ class Transition(_Open):
     count: int
 
 
+class Backstop(_Open):
+    state: Literal["not used", "attached", "retired", "kept"] = Field(
+        description="the accept syscall-exit tracepoints next to fexit/kretprobe: 'not used' when they "
+        "are the primary hook; 'retired' once every accept() in progress at attach had returned"
+    )
+    pending_at_attach: int = Field(description="threads that were inside accept() when the hook was attached")
+    retired_after_s: float | None
+    reason: str | None = Field(default=None, description="why it is kept, when it is")
+
+
 class StreamedSnapshot(_Open):
     """The document as pushed on /api/stream: everything but `transitions` (the page does not use them)."""
 
@@ -99,6 +109,7 @@ class StreamedSnapshot(_Open):
     master_cmdline: str
     probe: Literal["tracepoint", "kretprobe", "fexit"]
     probe_detail: str
+    backstop: Backstop | None = Field(default=None, description="null until the probes are attached")
     kernel: str
     started_at: str
     updated_at: str

@@ -118,6 +118,10 @@ BPF_HASH(transitions, struct trans_key, u64, MAX_TRANSITIONS);
 // Per thread (tid): the accept() it is in. Entries are reused call after call (written in place,
 // which is far cheaper than inserting and deleting) and removed when the thread exits.
 BPF_HASH(in_accept, u32, struct accept_call, MAX_TRACKED);
+// Threads that were inside accept() when fexit/kretprobe was attached (seeded by user space): such a
+// call returns without passing the new hook, and only the syscall-exit backstop sees it. Each exit
+// removes its thread; once the map is empty the backstop has nothing left to catch and is detached.
+BPF_HASH(backstop_pending, u32, u8, MAX_TRACKED);
 // Local ports whose connections we follow from queue entry to close (the servers' listeners).
 BPF_ARRAY(watched_ports, u8, 65536);
 // Child sock -> its connection. A plain preallocated hash, not an LRU: measured here, an LRU
@@ -423,6 +427,8 @@ static __always_inline int is_tracked(void)
 // thread's next accept, whose socket differs.)
 static __always_inline void mark_counted(u64 newsk)
 {
+    if (!config_get(CFG_BACKSTOP))
+        return;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct accept_call *call = in_accept.lookup(&tid);
     if (call) {
@@ -503,6 +509,8 @@ static __always_inline void on_accept_enter(int fd)
 static __always_inline void on_accept_exit(long ret)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT)
+        backstop_pending.delete(&tid);   // this thread's accept in progress at attach has returned
     struct accept_call *call = in_accept.lookup(&tid);
     // An entry exists only for tracked threads (sys_enter's stash, or fexit/kretprobe's mark).
     if (!call && !is_tracked())
@@ -631,5 +639,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 tid = (u32)bpf_get_current_pid_tgid();
     tracked.delete(&tid);
     in_accept.delete(&tid);
+    backstop_pending.delete(&tid);
     return 0;
 }

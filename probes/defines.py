@@ -13,7 +13,10 @@ class ConfigSlot(enum.IntEnum):
 
     EMIT_EVENTS = 0  # 1: send one ring-buffer record per connection
     PROBE_KIND = 1  # which hook is primary (PROBE_KIND_* below); the others are backstops
-    SLOTS = 2
+    # 1 while the syscall-exit backstop is attached next to fexit/kretprobe: they then mark what they
+    # counted so it is not counted twice; 0 once it is retired (nothing left for it to catch).
+    BACKSTOP = 2
+    SLOTS = 3
 
 
 PROBE_KIND_IDS: dict[ProbeKind, int] = {ProbeKind.FEXIT: 1, ProbeKind.KRETPROBE: 2, ProbeKind.TRACEPOINT: 3}

@@ -302,6 +302,9 @@ class AcceptProbes:
         order = PROBE_ORDER if probe is None else (probe,)
         attempts: list[AttachAttempt] = []
         for kind in order:
+            # Before attaching: fexit/kretprobe must mark what they count from their first call, or
+            # the syscall-exit program would count it again.
+            self._set_config(defines.ConfigSlot.BACKSTOP, int(kind is not ProbeKind.TRACEPOINT))
             error = self._try_primary(kind)
             attempts.append(AttachAttempt(kind, error is None, error))
             if error is None:
@@ -394,6 +397,23 @@ class AcceptProbes:
         table = self._bpf[b"tracked"]
         for pid in pids:
             table[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def seed_backstop(self, tids: Iterable[int]) -> None:
+        """Threads inside accept() at attach: the backstop stays until each has left it."""
+        table = self._bpf[b"backstop_pending"]
+        for tid in tids:
+            table[ctypes.c_uint32(tid)] = ctypes.c_uint8(1)
+
+    def backstop_pending(self) -> int:
+        return sum(1 for _ in self._bpf[b"backstop_pending"].keys())  # noqa: SIM118 - BCC tables
+
+    def retire_backstop(self) -> None:
+        """Detach the accept syscall-exit tracepoints (the kretprobe's sys_enter stash stays), then
+        stop fexit/kretprobe marking what they counted: nothing can count it twice any more."""
+        for tp in TRACEPOINT_FNS:
+            if tp.startswith("syscalls:sys_exit_accept"):
+                self._bpf.detach_tracepoint(tp=tp.encode())
+        self._set_config(defines.ConfigSlot.BACKSTOP, 0)
 
     def watch_ports(self, ports: Iterable[int]) -> None:
         table = self._bpf[b"watched_ports"]

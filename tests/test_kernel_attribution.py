@@ -100,6 +100,11 @@ def test_accept_already_blocked_before_attach_is_counted(tmp_path: Path) -> None
     doc = run.document()
     counted = {w["pid"]: w["accepts"] for w in doc["workers"] if w["accepts"]}
     assert counted == {srv.pid: 1}
+    if doc["probe"] == "tracepoint":  # the primary hook here: never a backstop
+        assert doc["backstop"]["state"] == "not used"
+    else:  # fexit/kretprobe miss the call blocked before attach: the backstop counts it, then retires
+        assert doc["diagnostics"]["backstop_accepts"] == 1
+        assert (doc["backstop"]["state"], doc["backstop"]["pending_at_attach"]) == ("retired", 1)
     (event,) = run.event_lines()
     assert event["pid"] == srv.pid and event["local_port"] == srv.port
 

@@ -32,7 +32,7 @@ REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("KM_CACHE", Path.home() / ".cache/accept-watch/kernel-matrix"))
 # (label, Debian suite whose linux-image-amd64 provides the kernel)
 KERNELS: tuple[tuple[str, str], ...] = (("5.10", "bullseye"), ("6.1", "bookworm"), ("6.12", "trixie"))
-PATHS = ("fexit", "kretprobe", "tracepoint", "auto")
+PATHS = ("fexit", "kretprobe", "tracepoint", "auto", "fexit-blocked")
 HOST_PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs",
 }
@@ -313,8 +313,12 @@ def render_doc(runs: list[GuestRun], manifest: dict, rows: list[tuple[str, list[
         "In each guest: `accept-watch doctor`, then for each path",
         "(`--probe fexit|kretprobe|tracepoint|auto`) a real gunicorn with 4 sync workers and a client",
         f"making exactly {n} connections, 4 at a time.",
+        "`fexit-blocked`: a one-process server already blocked inside accept() when fexit is attached,",
+        "20 connections one at a time; that blocked call never returns through fexit, so the",
+        "syscall-exit backstop must count exactly its one connection and then be detached.",
         "A path passes when accept-watch's per-worker counts equal the app's own per-pid record, nothing",
-        "is lost or unattributed, fexit/kretprobe counted every accept themselves (no backstop accepts),",
+        "is lost or unattributed, fexit/kretprobe counted every accept themselves (no backstop accepts)",
+        "and the backstop was detached once the accept() calls in progress at attach had returned,",
         "fexit used the `inet_csk_accept` prototype of the kernel's era, `auto` chose fexit, the listener",
         "is the one shared socket with a sane queue depth, and queue waits are ordered and bounded, known",
         "for every connection. Doctor passes when it",

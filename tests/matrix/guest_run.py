@@ -25,7 +25,10 @@ sys.path.insert(0, str(REPO))
 from tests import servers  # noqa: E402  (needs the repo on sys.path first)
 from tests.watcher import run_cli, start_watch  # noqa: E402
 
-PATHS = ("fexit", "kretprobe", "tracepoint", "auto")
+PATHS = ("fexit", "kretprobe", "tracepoint", "auto", "fexit-blocked")
+# fexit-blocked: a server already blocked inside accept() when fexit is attached. That call never
+# returns through the new fexit hook; the syscall-exit backstop must count it, then be detached.
+BLOCKED_N = 20
 # Queue waits are histogram bucket bounds: p99 may sit up to one bucket above the exact max.
 BUCKET_SLACK = 1.07
 # Doctor checks that may fail without any probe path needing them (shown as notes): fprobe is the
@@ -123,6 +126,7 @@ def check_document(doc: dict, truth: dict[int, int], n: int, port: int, path: st
         # The syscall-exit backstop counted accepts the primary hook missed: the hook is not proven.
         p.append(f"diagnostics.backstop_accepts = {diag['backstop_accepts']} "
                  f"(the {doc['probe']} hook missed them)")
+    p += check_backstop(doc, retired_with_pending=None)
     # Listener: one shared socket on the server's port that saw every accept, with a sane queue.
     listeners = doc.get("listeners", [])
     if len(listeners) != 1:
@@ -164,6 +168,71 @@ def check_document(doc: dict, truth: dict[int, int], n: int, port: int, path: st
         p.append(f"queue waits known for only {waits} of {n} connections "
                  f"(diagnostics.wait_unknown = {unknown})")
     return p
+
+
+def check_backstop(doc: dict, retired_with_pending: int | None) -> list[str]:
+    """fexit/kretprobe: the syscall-exit backstop must have been detached once the accept() calls in
+    progress at attach had returned (with exactly `retired_with_pending` of them, when given);
+    tracepoint: it is the primary hook, never a backstop."""
+    b = doc.get("backstop") or {}
+    if doc.get("probe") == "tracepoint":
+        return [] if b.get("state") == "not used" else [f"backstop {b} in tracepoint mode"]
+    if b.get("state") != "retired":
+        return [f"backstop not retired: {b}"]
+    if retired_with_pending is not None and b.get("pending_at_attach") != retired_with_pending:
+        return [f"backstop waited for {b.get('pending_at_attach')} accept() calls, "
+                f"expected {retired_with_pending}"]
+    return []
+
+
+def run_blocked(n: int) -> dict:
+    """A server blocked in accept() before fexit is attached: its first connection is returned by that
+    old call (the backstop counts it), after which the backstop is detached and fexit counts the rest."""
+    out: dict = {"path": "fexit-blocked", "n": n}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, servers.start_blocked_acceptor(timeout_s=120) as srv:
+        log(f"fexit-blocked: pid {srv.pid} blocked in accept() on port {srv.port}, starting accept-watch")
+        run = start_watch(srv.pid, Path(tmp), "--probe", "fexit", timeout=900)
+        out["attach_s"] = round(time.monotonic() - t0, 1)
+        try:
+            clients = servers.run_clients(srv.port, 1, concurrency=1, timeout_s=60)
+            deadline = time.monotonic() + 120
+            while "backstop detached" not in run.stderr() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            more = servers.run_clients(srv.port, n - 1, concurrency=1, timeout_s=60, deadline_s=600)
+        finally:
+            rc = run.stop(timeout=600)
+        out["rc"], out["stderr"] = rc, run.stderr().strip()[-1500:]
+        truth = srv.ground_truth()
+        doc = run.document() if run.export.exists() else None
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["app"] = {str(k): v for k, v in truth.items()}
+    failed = clients.failed + more.failed
+    problems = [] if rc == 0 else [f"accept-watch exited {rc}"]
+    if failed:
+        problems.append(f"{failed} client connections failed")
+    if doc is None:
+        out["problems"] = [*problems, "no export written"]
+        return out
+    out.update(
+        probe=doc.get("probe"), probe_detail=doc.get("probe_detail"), total_accepts=doc.get("total_accepts"),
+        watch={str(w["pid"]): w["accepts"] for w in doc["workers"] if w["accepts"]},
+        diagnostics={k: v for k, v in doc.get("diagnostics", {}).items() if v}, backstop=doc.get("backstop"),
+    )
+    counted = {w["pid"]: w["accepts"] for w in doc["workers"] if w["accepts"]}
+    if counted != truth or sum(truth.values()) != n:
+        problems.append(f"counts: accept-watch {counted} vs app {truth} ({n} connections)")
+    if doc.get("probe") != "fexit":
+        problems.append(f"probe = {doc.get('probe')!r}, expected 'fexit'")
+    for key in ("unattributed", "lost_events"):
+        if doc.get(key):
+            problems.append(f"{key} = {doc.get(key)}")
+    if doc.get("diagnostics", {}).get("backstop_accepts") != 1:
+        got = doc.get("diagnostics", {}).get("backstop_accepts")
+        problems.append(f"backstop_accepts = {got}, expected 1 (the accept() blocked before attach)")
+    problems += check_backstop(doc, retired_with_pending=1)
+    out["problems"] = problems
+    return out
 
 
 def run_path(path: str, n: int, workers: int, concurrency: int, expect: dict) -> dict:
@@ -236,7 +305,10 @@ def main() -> int:
     emit("doctor", **doctor, prototype=proto, auto=auto, expected_era=expect["era"])
     for path in paths:
         try:
-            result = run_path(path, args.n, args.workers, args.concurrency, expect)
+            if path == "fexit-blocked":
+                result = run_blocked(BLOCKED_N)
+            else:
+                result = run_path(path, args.n, args.workers, args.concurrency, expect)
         except Exception as exc:
             result = {"path": path, "n": args.n,
                       "problems": [f"crashed: {type(exc).__name__}: {exc}"],
