@@ -21,22 +21,56 @@ from . import waitmode
 ACCEPT_SYSCALLS = frozenset({"accept", "accept4"})
 
 
+def _accept_nrs(table: dict[int, str] | None) -> set[int]:
+    table = table if table is not None else waitmode.syscall_table()
+    return {nr for nr, name in table.items() if name in ACCEPT_SYSCALLS}
+
+
+def _might_be_in_accept(st: waitmode.SyscallState, accept_nrs: set[int]) -> bool:
+    # A running thread may be inside accept() (/proc cannot tell): counted as if it were.
+    return st.running or st.nr in accept_nrs
+
+
 def threads_in_accept(
     pids: Iterable[int],
     read_states: Callable[[int], dict[int, waitmode.SyscallState]] = waitmode.read_task_states,
     table: dict[int, str] | None = None,
 ) -> set[int]:
-    """Threads of `pids` inside accept()/accept4() now, or running (they might be: counted as if)."""
-    table = table if table is not None else waitmode.syscall_table()
-    accept_nrs = {nr for nr, name in table.items() if name in ACCEPT_SYSCALLS}
+    """Threads of `pids` inside accept()/accept4() now, or running."""
+    accept_nrs = _accept_nrs(table)
     found: set[int] = set()
     for pid in pids:
         try:
             states = read_states(pid)
         except ProcessLookupError:
             continue
-        found |= {tid for tid, st in states.items() if st.running or st.nr in accept_nrs}
+        found |= {tid for tid, st in states.items() if _might_be_in_accept(st, accept_nrs)}
     return found
+
+
+def read_thread_state(tid: int) -> waitmode.SyscallState | None:
+    """One thread's /proc syscall state; None when the thread is gone."""
+    try:
+        with open(f"/proc/{tid}/syscall") as f:
+            return waitmode.parse_syscall(f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def left_accept(
+    tids: Iterable[int],
+    read_state: Callable[[int], waitmode.SyscallState | None] = read_thread_state,
+    table: dict[int, str] | None = None,
+) -> set[int]:
+    """Of `tids`, those certainly out of any accept() begun earlier: gone, or seen blocked elsewhere.
+    (A thread seen in accept() again may be in a new call: the kernel ticks it off at the exit.)"""
+    accept_nrs = _accept_nrs(table)
+    out = set()
+    for tid in tids:
+        st = read_state(tid)
+        if st is None or not _might_be_in_accept(st, accept_nrs):
+            out.add(tid)
+    return out
 
 
 class Backstop:
@@ -62,8 +96,16 @@ class Backstop:
         self.state = "attached"
 
     def check(self, now: float) -> None:
-        """Retire the backstop once no thread is left in an accept() begun before attach."""
-        if self.state != "attached" or self.probes.backstop_pending() > 0:
+        """Retire the backstop once no thread is left in an accept() begun before attach. A thread
+        that was running at attach (perhaps in accept(), perhaps not: a busy request thread that
+        never accepts) is ticked off here once /proc shows it anywhere but in accept()."""
+        if self.state != "attached":
+            return
+        pending = self.probes.backstop_pending()
+        if pending:
+            self.probes.clear_backstop(left_accept(pending))
+            pending = self.probes.backstop_pending()
+        if pending:
             return
         self.probes.retire_backstop()
         self.state = "retired"

@@ -404,8 +404,14 @@ class AcceptProbes:
         for tid in tids:
             table[ctypes.c_uint32(tid)] = ctypes.c_uint8(1)
 
-    def backstop_pending(self) -> int:
-        return sum(1 for _ in self._bpf[b"backstop_pending"].keys())  # noqa: SIM118 - BCC tables
+    def backstop_pending(self) -> set[int]:
+        return {k.value for k in self._bpf[b"backstop_pending"].keys()}  # noqa: SIM118 - BCC tables
+
+    def clear_backstop(self, tids: Iterable[int]) -> None:
+        table = self._bpf[b"backstop_pending"]
+        for tid in tids:
+            with contextlib.suppress(KeyError):  # the kernel side may have removed it meanwhile
+                del table[ctypes.c_uint32(tid)]
 
     def retire_backstop(self) -> None:
         """Detach the accept syscall-exit tracepoints (the kretprobe's sys_enter stash stays), then

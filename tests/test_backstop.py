@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from accept_watch.daemon import backstop
-from accept_watch.daemon.backstop import Backstop, threads_in_accept
+from accept_watch.daemon.backstop import Backstop, left_accept, threads_in_accept
 from accept_watch.daemon.waitmode import SyscallState, syscall_table
 from accept_watch.probes.records import ProbeKind
 
@@ -32,6 +32,12 @@ def test_threads_inside_accept_or_running_are_pending() -> None:
     assert threads_in_accept([10, 20, 30], read, TABLE) == {10, 20, 21}
 
 
+def test_threads_seen_out_of_accept_have_left_it() -> None:
+    states = {1: _blocked(ACCEPT), 2: _blocked(EPOLL_WAIT), 3: SyscallState(True, None, ()),
+              4: SyscallState(False, -1, ()), 5: None}
+    assert left_accept(states, states.get, TABLE) == {2, 4, 5}
+
+
 class FakeProbes:
     def __init__(self) -> None:
         self.pending: set[int] = set()
@@ -40,14 +46,22 @@ class FakeProbes:
     def seed_backstop(self, tids: set[int]) -> None:
         self.pending |= set(tids)
 
-    def backstop_pending(self) -> int:
-        return len(self.pending)
+    def backstop_pending(self) -> set[int]:
+        return set(self.pending)
+
+    def clear_backstop(self, tids: set[int]) -> None:
+        self.pending -= set(tids)
 
     def retire_backstop(self) -> None:
         self.retired += 1
 
 
+def _never_left(monkeypatch) -> None:
+    monkeypatch.setattr(backstop, "left_accept", lambda tids: set())
+
+
 def test_retired_once_every_pending_accept_has_returned(monkeypatch, capsys) -> None:
+    _never_left(monkeypatch)
     monkeypatch.setattr(backstop, "threads_in_accept", lambda pids: {101, 102})
     probes = FakeProbes()
     b = Backstop(probes, ProbeKind.FEXIT, [100], started=50.0)
@@ -62,6 +76,21 @@ def test_retired_once_every_pending_accept_has_returned(monkeypatch, capsys) -> 
     assert probes.retired == 1
     assert b.to_doc() == {"state": "retired", "pending_at_attach": 2, "retired_after_s": 2.5}
     assert "backstop detached after 2.5 s (2 accept() calls" in capsys.readouterr().err
+
+
+def test_a_running_thread_is_ticked_off_once_seen_elsewhere(monkeypatch) -> None:
+    """A thread running at attach (a busy request thread, say) may never call accept() again: /proc
+    showing it blocked anywhere else is enough."""
+    seen: dict[int, SyscallState] = {7: SyscallState(True, None, ())}
+    monkeypatch.setattr(backstop, "threads_in_accept", lambda pids: {7})
+    monkeypatch.setattr(backstop, "left_accept", lambda tids: left_accept(tids, seen.get, TABLE))
+    probes = FakeProbes()
+    b = Backstop(probes, ProbeKind.FEXIT, [7], started=0.0)
+    b.check(1.0)
+    assert b.state == "attached"
+    seen[7] = _blocked(EPOLL_WAIT)
+    b.check(2.0)
+    assert (b.state, probes.retired, probes.pending) == ("retired", 1, set())
 
 
 def test_nothing_pending_retires_at_the_first_check(monkeypatch) -> None:

@@ -247,3 +247,13 @@ def test_listener_of_each_accept_is_known_both_ways(layout, listener_from) -> No
     }
     assert snap.diag[Counter.LISTENER_UNKNOWN] == 0
     assert sum(w.accepts for w in snap.workers if w.pid == os.getpid()) == 2 * n
+
+
+def test_backstop_pending_map_seeded_read_and_cleared(layout) -> None:
+    """The map the backstop's retirement reads (its kernel side is proven by the kernel matrix's
+    fexit-blocked path; here only tracepoints attach)."""
+    with _watching_own_listener(layout) as (_srv, _port, probes):
+        probes.seed_backstop([111, 222])
+        assert probes.backstop_pending() == {111, 222}
+        probes.clear_backstop([111, 333])  # 333 was never there: no error
+        assert probes.backstop_pending() == {222}
