@@ -72,9 +72,9 @@ struct hist_key {
 struct listener_val {
     u64 accepts;
     u32 port;
-    u32 depth_last;
     u32 depth_max;
     u32 backlog_limit;
+    u32 pad;
 };
 
 struct trans_key {
@@ -304,9 +304,11 @@ static __always_inline void count_listener(u64 listener_sk, u64 ino, u16 port, u
     struct listener_val *lv = listener_stats.lookup_or_try_init(&ino, &zero);
     if (!lv)
         return;
+    // One entry shared by every worker, so on every CPU: write only what changed (a line written
+    // from two CPUs in turn moves between their caches at each write).
     __sync_fetch_and_add(&lv->accepts, 1);
-    lv->depth_last = *depth;
-    lv->backlog_limit = *limit;
+    if (*limit != lv->backlog_limit)
+        lv->backlog_limit = *limit;
     if (*depth > lv->depth_max)
         lv->depth_max = *depth;
 }
@@ -321,7 +323,8 @@ static __always_inline void count_transition(u32 tgid, u16 port)
         return;
     }
     struct trans_key tk = {.prev_tgid = *prev, .tgid = tgid, .port = port};
-    *prev = tgid;   // in place: an update() would allocate a new element every accept
+    if (*prev != tgid)
+        *prev = tgid;   // in place (an update() would allocate), and only when it changes
     u64 zero = 0;
     u64 *cnt = transitions.lookup_or_try_init(&tk, &zero);
     if (cnt)

@@ -449,7 +449,7 @@ class AcceptProbes:
         for k, v in self._items(b"wait_hist"):
             hist.setdefault((k.tgid, k.port), {})[k.bucket] = _int(v)
         listeners = tuple(
-            ListenerCounters(inode=_int(k), port=v.port, accepts=v.accepts, depth_last=v.depth_last,
+            ListenerCounters(inode=_int(k), port=v.port, accepts=v.accepts,
                              depth_max=v.depth_max, backlog_limit=v.backlog_limit)
             for k, v in self._items(b"listener_stats")
         )

@@ -82,7 +82,6 @@ class ListenerCounters:
     inode: int
     port: int
     accepts: int
-    depth_last: int  # sk_ack_backlog right after the last accept
     depth_max: int  # highest sk_ack_backlog seen at an accept since attach
     backlog_limit: int  # sk_max_ack_backlog
 

@@ -115,7 +115,7 @@ def simulate(workers: int = 8, pattern: str = "fifo", seconds: int = 40, rate: i
         )
         snap = KernelSnapshot(
             clock[0], wcs, {k: dict(v) for k, v in hist.items()},
-            (ListenerCounters(INODE, PORT, sum(acc.values()), 0, depth_max, 2048),),
+            (ListenerCounters(INODE, PORT, sum(acc.values()), depth_max, 2048),),
             dict(trans), {Counter.EVENTS_LOST: lost, Counter.STATS_MAP_FULL: unattributed},
         )
         agg.update(snap, topo, {INODE: rng.randint(0, 3)})

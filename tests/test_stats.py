@@ -301,7 +301,7 @@ def test_listeners_depth_limit_and_history() -> None:
     ]
     t = topo([101, 102], listeners=listeners)
     agg, _ = make(t, history_points=5)
-    kernel = [ListenerCounters(11, PORT, 70, 1, 12, 128), ListenerCounters(13, 9000, 3, 0, 2, 4096)]
+    kernel = [ListenerCounters(11, PORT, 70, 12, 128), ListenerCounters(13, 9000, 3, 2, 4096)]
     for sec in range(1, 11):
         agg.update(snap(START + sec * S, listeners=kernel), t, {11: sec % 4, 12: 9 if sec == 3 else 0, 13: 1})
     doc = agg.document()
@@ -320,8 +320,8 @@ def test_listeners_depth_limit_and_history() -> None:
 
 def test_closed_and_kernel_only_listeners() -> None:
     agg, _ = make()
-    agg.update(snap(START + S, listeners=[ListenerCounters(INODE, PORT, 4, 0, 1, 64)]), topo(), {INODE: 1})
-    kernel = [ListenerCounters(INODE, PORT, 4, 0, 1, 64), ListenerCounters(777, PORT, 2, 0, 0, 64)]
+    agg.update(snap(START + S, listeners=[ListenerCounters(INODE, PORT, 4, 1, 64)]), topo(), {INODE: 1})
+    kernel = [ListenerCounters(INODE, PORT, 4, 1, 64), ListenerCounters(777, PORT, 2, 0, 64)]
     agg.update(snap(START + 2 * S, listeners=kernel), topo(listeners=[]), {})
     by_inode = {lst["inode"]: lst for lst in agg.document()["listeners"]}
     assert by_inode[INODE]["open"] is False and by_inode[INODE]["accepts"] == 4

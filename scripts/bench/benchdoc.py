@@ -821,7 +821,7 @@ def _limits_section(add: Any, results: dict[str, Any]) -> None:
                 )
             bs = results.get("bpf_stats")
             if bs and "programs" in bs:
-                top = [p for p in bs["programs"] if p["calls"]][:3]
+                top = [p for p in bs["programs"] if p["calls_per_connection"] >= 0.1][:3]
                 add(
                     f"  - The kernel's own accounting of those programs (section above): "
                     f"{bs['total_pct_of_core']:.1f} % of a core at {bs['rps']:.0f} conn/s, i.e. "
