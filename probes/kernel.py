@@ -46,6 +46,8 @@ TRACEPOINT_FNS: dict[str, bytes] = {
     "sched:sched_process_fork": b"tracepoint__sched__sched_process_fork",
     "sched:sched_process_exit": b"tracepoint__sched__sched_process_exit",
 }
+# Next to fexit/kretprobe these are the backstop, detached once nothing is left for them to catch.
+BACKSTOP_TRACEPOINTS = ("syscalls:sys_exit_accept", "syscalls:sys_exit_accept4")
 # The listening-fd stash: attached where the syscall exit cannot read the fd from the saved
 # registers (KernelLayout.listener_from_regs false), and for the kretprobe, which needs the stash.
 ENTER_TRACEPOINT_FNS: dict[str, bytes] = {
@@ -326,6 +328,11 @@ class AcceptProbes:
         for tp, fn in fns.items():
             self._attach_one("tracepoint", self._bpf.attach_tracepoint, tp, fn)
 
+    def _detach_tracepoints(self, tps: Iterable[str]) -> None:
+        attached = [tp for tp in tps if tp.encode() in self._bpf.tracepoint_fds]
+        for tp in attached:
+            self._bpf.detach_tracepoint(tp=tp.encode())
+
     def _try_primary(self, kind: ProbeKind) -> str | None:
         if kind is ProbeKind.TRACEPOINT:
             return None  # already attached above
@@ -346,9 +353,8 @@ class AcceptProbes:
                                                maxactive=KRETPROBE_MAXACTIVE)
         except Exception as exc:
             if stash:
-                for tp in ENTER_TRACEPOINT_FNS:
-                    with contextlib.suppress(Exception):
-                        self._bpf.detach_tracepoint(tp=tp.encode())
+                with contextlib.suppress(Exception):  # those that did attach; the reason is below
+                    self._detach_tracepoints(ENTER_TRACEPOINT_FNS)
             return str(exc) if isinstance(exc, ProbeError) else _reason(exc, noise)
         return None
 
@@ -416,9 +422,7 @@ class AcceptProbes:
     def retire_backstop(self) -> None:
         """Detach the accept syscall-exit tracepoints (the kretprobe's sys_enter stash stays), then
         stop fexit/kretprobe marking what they counted: nothing can count it twice any more."""
-        for tp in TRACEPOINT_FNS:
-            if tp.startswith("syscalls:sys_exit_accept"):
-                self._bpf.detach_tracepoint(tp=tp.encode())
+        self._detach_tracepoints(BACKSTOP_TRACEPOINTS)
         self._set_config(defines.ConfigSlot.BACKSTOP, 0)
 
     def watch_ports(self, ports: Iterable[int]) -> None:

@@ -257,3 +257,14 @@ def test_backstop_pending_map_seeded_read_and_cleared(layout) -> None:
         assert probes.backstop_pending() == {111, 222}
         probes.clear_backstop([111, 333])  # 333 was never there: no error
         assert probes.backstop_pending() == {222}
+
+
+def test_retiring_the_backstop_detaches_exactly_the_syscall_exit_tracepoints(layout) -> None:
+    from accept_watch.probes.kernel import BACKSTOP_TRACEPOINTS
+
+    with _watching_own_listener(layout) as (_srv, _port, probes):
+        before = {tp.decode() for tp in probes._bpf.tracepoint_fds}
+        probes.retire_backstop()
+        after = {tp.decode() for tp in probes._bpf.tracepoint_fds}
+    assert set(BACKSTOP_TRACEPOINTS) <= before
+    assert after == before - set(BACKSTOP_TRACEPOINTS)
