@@ -217,6 +217,14 @@ static __always_inline u64 socket_inode(u64 socket)
     return read_ptr(socket, OFF_SOCKET_ALLOC_INO);
 }
 
+// The listening socket behind fd (the fd accept() was called on) and its inode.
+static __always_inline u64 fd_listener(struct fd_table *t, int fd, u64 *ino)
+{
+    u64 socket = fd_socket(t, fd);
+    *ino = socket_inode(socket);
+    return read_ptr(socket, OFF_SOCKET_SK);
+}
+
 #if LISTENER_FROM_REGS
 // The system call's first argument as saved at syscall entry (user registers). At an accept
 // syscall's exit that is the listening fd: no sys_enter program needed.
@@ -497,11 +505,8 @@ static __always_inline void on_accept_enter(int fd)
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct accept_call fresh = {};
     struct fd_table t = {};
-    if (current_fd_table(&t)) {
-        u64 socket = fd_socket(&t, fd);
-        fresh.listener = read_ptr(socket, OFF_SOCKET_SK);
-        fresh.listener_ino = socket_inode(socket);
-    }
+    if (current_fd_table(&t))
+        fresh.listener = fd_listener(&t, fd, &fresh.listener_ino);
     struct accept_call *call = in_accept.lookup(&tid);
     if (call)
         *call = fresh;
@@ -540,11 +545,8 @@ static __always_inline void on_accept_exit(long ret)
     if (sk == counted_sk)   // fexit/kretprobe already counted this one
         return;
 #if LISTENER_FROM_REGS
-    if (!listener) {
-        u64 socket = fd_socket(&t, syscall_arg1());
-        listener = read_ptr(socket, OFF_SOCKET_SK);
-        listener_ino = socket_inode(socket);
-    }
+    if (!listener)
+        listener = fd_listener(&t, syscall_arg1(), &listener_ino);
 #endif
     record_accept(sk, listener, listener_ino, SRC_SYSCALL_EXIT);
 }

@@ -109,6 +109,19 @@ def _import_bcc() -> Any:
     return bcc
 
 
+def manual_attach_bpf(**kwargs: Any) -> Any:
+    """A compiled bcc.BPF with nothing attached. BCC attaches kretfunc__/kretprobe__/tracepoint__
+    functions as soon as the object is built and raises if one fails; we attach ourselves, hook by
+    hook, to fall back and to choose which hooks run."""
+    bcc = _import_bcc()
+
+    class _ManualAttachBPF(bcc.BPF):  # type: ignore[misc, name-defined]
+        def _trace_autoload(self) -> None:
+            return None
+
+    return _ManualAttachBPF(**kwargs)
+
+
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[list[str]]:
     """Collect what libbcc prints on fd 2 during an attempt, to report it as the attempt's reason."""
@@ -263,18 +276,10 @@ class AcceptProbes:
     # -- lifecycle -----------------------------------------------------------------------------
     def compile(self) -> float:
         """Compile the program (all hooks; nothing attached yet). Returns seconds taken."""
-        bcc = _import_bcc()
-
-        class _ManualAttachBPF(bcc.BPF):  # type: ignore[misc, name-defined]
-            # BCC attaches kretfunc__/kretprobe__/tracepoint__ functions as soon as the object is
-            # built and raises if one fails; we attach ourselves to fall back hook by hook.
-            def _trace_autoload(self) -> None:
-                return None
-
         started = time.monotonic()
         try:
             with _captured_stderr() as noise:
-                self._bpf = _ManualAttachBPF(text=self.program.encode())
+                self._bpf = manual_attach_bpf(text=self.program.encode())
         except Exception as exc:
             detail = next((n for n in noise if "error:" in n), str(exc))
             raise ProbeError(f"BPF program failed to compile: {detail}") from exc

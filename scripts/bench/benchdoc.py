@@ -25,7 +25,7 @@ FLAT_TOLERANCE_MB = 5.0  # RSS growth allowed between 100 k connections and the 
 # --------------------------------------------------------------------------------- statistics
 
 
-def _spread(values: list[float]) -> dict[str, float] | None:
+def spread(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -76,17 +76,17 @@ def summarize_workload(workload: dict[str, Any], modes: tuple[str, ...]) -> dict
             if "verdict" in run["counts"]:
                 verdicts[run["counts"]["verdict"]] += 1
         out["modes"][mode] = {
-            "rps": _spread(rps),
-            "rps_ratio": _spread(rps_ratio),
-            "p99_ms": _spread(p99),
-            "p99_ratio": _spread(p99_ratio),
-            "cpu_pct": _spread(cpu),
-            "rss_mb": _spread(rss),
-            "hwm_mb": _spread(hwm),
-            "anon_mb": _spread(anon),
-            "ready_s": _spread(ready),
-            "accept_rate": _spread(accept_rate),
-            "unlogged": _spread(unlogged),
+            "rps": spread(rps),
+            "rps_ratio": spread(rps_ratio),
+            "p99_ms": spread(p99),
+            "p99_ratio": spread(p99_ratio),
+            "cpu_pct": spread(cpu),
+            "rss_mb": spread(rss),
+            "hwm_mb": spread(hwm),
+            "anon_mb": spread(anon),
+            "ready_s": spread(ready),
+            "accept_rate": spread(accept_rate),
+            "unlogged": spread(unlogged),
             "lost_events": lost,
             "wrk_errors": errors,
             "verdicts": dict(verdicts),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchdoc import spread
 from servers import REPO, VENV_BIN, free_port
 from tools import AcceptWatch, Attached, Bpftrace, ToolError
 
@@ -140,14 +141,14 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
             d = by_mode.setdefault(x["mode"], {"us_per_conn": [], "added_us": [], "loss": []})
             for k in d:
                 d[k].append(x[k])
-    summary: dict[str, Any] = {mode: {k: _spread(v) for k, v in d.items()} for mode, d in by_mode.items()}
+    summary: dict[str, Any] = {mode: {k: _spread_sd(v) for k, v in d.items()} for mode, d in by_mode.items()}
     aw_runs = [x for rnd in out["rounds"] for x in rnd["runs"] if x["mode"] == "aw"]
     summary["aw_exact"] = sum(1 for x in aw_runs if x.get("exact"))
     summary["aw_runs"] = len(aw_runs)
     return summary
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "sd": sd,
-            "n": len(values)}
+
+def _spread_sd(values: list[float]) -> dict[str, float]:
+    """benchdoc.spread plus the run-to-run standard deviation (shown for the loopback runs)."""
+    return {**(spread(values) or {}), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}

@@ -13,18 +13,17 @@ import signal
 import sys
 from pathlib import Path
 
-from accept_watch.probes.kernel import ENTER_TRACEPOINT_FNS, RAW_TRACEPOINT_FNS, TRACEPOINT_FNS, _import_bcc
+from accept_watch.probes.kernel import (
+    ENTER_TRACEPOINT_FNS,
+    RAW_TRACEPOINT_FNS,
+    TRACEPOINT_FNS,
+    manual_attach_bpf,
+)
 from accept_watch.probes.offsets import load_layout
 
 
 def main() -> int:
-    bcc = _import_bcc()
-
-    class _ManualAttachBPF(bcc.BPF):  # type: ignore[misc, name-defined]
-        def _trace_autoload(self) -> None:  # attach exactly accept-watch's hook list, below
-            return None
-
-    bpf = _ManualAttachBPF(src_file=str(Path(__file__).with_name("floor.c")).encode())
+    bpf = manual_attach_bpf(src_file=str(Path(__file__).with_name("floor.c")).encode())
     # As accept-watch in tracepoint mode on this kernel: sys_enter only where the listening fd cannot
     # be read at syscall exit.
     tracepoints = dict(TRACEPOINT_FNS)
