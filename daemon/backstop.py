@@ -3,9 +3,9 @@
 A freshly attached fexit or kretprobe on inet_csk_accept never sees an accept() call that was
 already inside the kernel at that moment: the call returns the old way. The accept syscall-exit
 tracepoints catch those (counted as backstop accepts). Once every thread that was inside accept()
-at attach time has come out of it, nothing is left for them to catch, while keeping them costs every
-accept a program run and puts every system call of the machine on the syscall-tracing path: they are
-detached (the kernel side removes each thread from `backstop_pending` at its accept's exit).
+at attach time has come out of it, nothing is left for them to catch, while they cost every accept
+the fd-table walk: they are switched off (the kernel side removes each thread from `backstop_pending`
+at its accept's exit). Switched off, not detached: see AcceptProbes.retire_backstop.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def left_accept(
 
 class Backstop:
     """State of the backstop for the document: not used (tracepoint is the primary hook), attached
-    (waiting for `pending` threads), retired (detached), or kept (cannot tell when to retire it)."""
+    (waiting for `pending` threads), retired (switched off), or kept (cannot tell when to retire it)."""
 
     def __init__(self, probes: Any, kind: ProbeKind, pids: Iterable[int], started: float) -> None:
         self.probes = probes
@@ -111,7 +111,7 @@ class Backstop:
         self.state = "retired"
         self.retired_after_s = round(now - self.started, 3)
         print(
-            f"accept-watch: syscall-exit backstop detached after {self.retired_after_s:.1f} s "
+            f"accept-watch: syscall-exit backstop switched off after {self.retired_after_s:.1f} s "
             f"({self.pending_at_attach} accept() calls in progress at attach had returned)",
             file=sys.stderr,
         )

@@ -120,7 +120,7 @@ BPF_HASH(transitions, struct trans_key, u64, MAX_TRANSITIONS);
 BPF_HASH(in_accept, u32, struct accept_call, MAX_TRACKED);
 // Threads that were inside accept() when fexit/kretprobe was attached (seeded by user space): such a
 // call returns without passing the new hook, and only the syscall-exit backstop sees it. Each exit
-// removes its thread; once the map is empty the backstop has nothing left to catch and is detached.
+// removes its thread; once the map is empty the backstop has nothing left to catch and is switched off.
 BPF_HASH(backstop_pending, u32, u8, MAX_TRACKED);
 // Local ports whose connections we follow from queue entry to close (the servers' listeners).
 BPF_ARRAY(watched_ports, u8, 65536);
@@ -517,8 +517,12 @@ static __always_inline void on_accept_enter(int fd)
 static __always_inline void on_accept_exit(long ret)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    if (config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT)
+    if (config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT) {
+        // The backstop, switched off (not detached) once retired: see AcceptProbes.retire_backstop.
+        if (!config_get(CFG_BACKSTOP))
+            return;
         backstop_pending.delete(&tid);   // this thread's accept in progress at attach has returned
+    }
     struct accept_call *call = in_accept.lookup(&tid);
     // An entry exists only for tracked threads (sys_enter's stash, or fexit/kretprobe's mark).
     if (!call && !is_tracked())

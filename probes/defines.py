@@ -13,8 +13,9 @@ class ConfigSlot(enum.IntEnum):
 
     EMIT_EVENTS = 0  # 1: send one ring-buffer record per connection
     PROBE_KIND = 1  # which hook is primary (PROBE_KIND_* below); the others are backstops
-    # 1 while the syscall-exit backstop is attached next to fexit/kretprobe: they then mark what they
-    # counted so it is not counted twice; 0 once it is retired (nothing left for it to catch).
+    # 1 while the syscall-exit backstop works next to fexit/kretprobe: they then mark what they
+    # counted so it is not counted twice; 0 once it is retired (nothing left for it to catch): the
+    # syscall-exit programs then return at once.
     BACKSTOP = 2
     SLOTS = 3
 

@@ -75,7 +75,7 @@ def test_retired_once_every_pending_accept_has_returned(monkeypatch, capsys) -> 
     b.check(53.0)
     assert probes.retired == 1
     assert b.to_doc() == {"state": "retired", "pending_at_attach": 2, "retired_after_s": 2.5}
-    assert "backstop detached after 2.5 s (2 accept() calls" in capsys.readouterr().err
+    assert "backstop switched off after 2.5 s (2 accept() calls" in capsys.readouterr().err
 
 
 def test_a_running_thread_is_ticked_off_once_seen_elsewhere(monkeypatch) -> None:

@@ -259,12 +259,21 @@ def test_backstop_pending_map_seeded_read_and_cleared(layout) -> None:
         assert probes.backstop_pending() == {222}
 
 
-def test_retiring_the_backstop_detaches_exactly_the_syscall_exit_tracepoints(layout) -> None:
-    from accept_watch.probes.kernel import BACKSTOP_TRACEPOINTS
+def test_retiring_the_backstop_switches_it_off_without_detaching(layout) -> None:
+    """Retirement only flips the BACKSTOP config slot (no live re-patching of the syscall path); in
+    tracepoint mode, where the syscall exit is the primary hook, counting goes on."""
+    import ctypes
 
-    with _watching_own_listener(layout) as (_srv, _port, probes):
-        before = {tp.decode() for tp in probes._bpf.tracepoint_fds}
+    from accept_watch.probes import defines
+
+    with _watching_own_listener(layout) as (srv, port, probes):
+        before = set(probes._bpf.tracepoint_fds)
         probes.retire_backstop()
-        after = {tp.decode() for tp in probes._bpf.tracepoint_fds}
-    assert set(BACKSTOP_TRACEPOINTS) <= before
-    assert after == before - set(BACKSTOP_TRACEPOINTS)
+        after = set(probes._bpf.tracepoint_fds)
+        slot = probes._bpf[b"config"][ctypes.c_int(int(defines.ConfigSlot.BACKSTOP))].value
+        with socket.create_connection(("127.0.0.1", port)):
+            srv.accept()[0].close()
+        snap = probes.snapshot()
+    assert after == before and b"syscalls:sys_exit_accept4" in after
+    assert slot == 0
+    assert next(w for w in snap.workers if w.pid == os.getpid()).accepts == 1

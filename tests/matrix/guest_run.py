@@ -28,7 +28,7 @@ from tests.watcher import run_cli, start_watch  # noqa: E402
 PROBE_KINDS = ("fexit", "kretprobe", "tracepoint")  # what doctor checks one by one
 PATHS = (*PROBE_KINDS, "auto", "fexit-blocked")
 # fexit-blocked: a server already blocked inside accept() when fexit is attached. That call never
-# returns through the new fexit hook; the syscall-exit backstop must count it, then be detached.
+# returns through the new fexit hook; the syscall-exit backstop must count it, then be switched off.
 BLOCKED_N = 20
 # Queue waits are histogram bucket bounds: p99 may sit up to one bucket above the exact max.
 BUCKET_SLACK = 1.07
@@ -172,7 +172,7 @@ def check_document(doc: dict, truth: dict[int, int], n: int, port: int, path: st
 
 
 def check_backstop(doc: dict, retired_with_pending: int | None) -> list[str]:
-    """fexit/kretprobe: the syscall-exit backstop must have been detached once the accept() calls in
+    """fexit/kretprobe: the syscall-exit backstop must have been switched off once the accept() calls in
     progress at attach had returned (with exactly `retired_with_pending` of them, when given);
     tracepoint: it is the primary hook, never a backstop."""
     b = doc.get("backstop") or {}
@@ -188,7 +188,7 @@ def check_backstop(doc: dict, retired_with_pending: int | None) -> list[str]:
 
 def run_blocked(n: int) -> dict:
     """A server blocked in accept() before fexit is attached: its first connection is returned by that
-    old call (the backstop counts it), after which the backstop is detached and fexit counts the rest."""
+    old call (the backstop counts it), after which the backstop is switched off and fexit counts the rest."""
     out: dict = {"path": "fexit-blocked", "n": n}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp, servers.start_blocked_acceptor(timeout_s=120) as srv:
@@ -198,7 +198,7 @@ def run_blocked(n: int) -> dict:
         try:
             clients = servers.run_clients(srv.port, 1, concurrency=1, timeout_s=60)
             deadline = time.monotonic() + 120
-            while "backstop detached" not in run.stderr() and time.monotonic() < deadline:
+            while "backstop switched off" not in run.stderr() and time.monotonic() < deadline:
                 time.sleep(0.2)
             more = servers.run_clients(srv.port, n - 1, concurrency=1, timeout_s=60, deadline_s=600)
         finally:
