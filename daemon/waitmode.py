@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -23,7 +25,15 @@ from dataclasses import dataclass
 
 EPOLLEXCLUSIVE = 1 << 28
 
-MODES = ("blocking-accept", "epoll", "epoll-exclusive", "poll/select", "io_uring", "unknown")
+MODES = ("blocking-accept", "epoll", "epoll-exclusive", "poll/select", "io_uring", "accept-mutex", "unknown")
+
+# The fd sets of poll()/select() live in the caller's memory; reading them (as root, /proc/PID/mem) tells
+# a worker polling the listener from a master polling only its signal pipe (gunicorn's arbiter holds the
+# listener and sleeps in select()). Bounded reads: select sets are at most FD_SETSIZE bits, poll arrays
+# are read up to MAX_POLL_FDS entries.
+FD_SETSIZE = 1024
+MAX_POLL_FDS = 4096
+_POLLFD_SIZE = 8  # struct pollfd { int fd; short events; short revents; }
 
 _SYSCALLS: dict[str, dict[int, str]] = {
     "x86_64": {
@@ -88,6 +98,11 @@ _MAX_EPOLL_NESTING = 4  # the kernel's own limit (EP_MAX_NESTS)
 class WaitMode:
     mode: str  # one of MODES
     detail: str  # one line: what was seen
+    # What the samples prove about the listener: "listener" (a wait that includes it), "elsewhere"
+    # (waits, but on other fds: a master's control loop, an nginx worker without the accept mutex),
+    # "" (nothing proven either way).
+    evidence: str = ""
+    epoll_elsewhere: bool = False  # waits in epoll on a set without the listener (accept-mutex sign)
 
     def to_dict(self) -> dict[str, str]:
         return {"mode": self.mode, "detail": self.detail}
@@ -240,8 +255,60 @@ def _observe(proc: _Process, tid: int, st: SyscallState, table: dict[int, str]) 
     if category == "epoll":
         target = proc.watched_listener(fd) if fd is not None and proc.inodes else None
         return _Obs(category, target is not None, name, fd, tid, exclusive=bool(target and target.exclusive))
-    # poll/select/io_uring: the fd set sits in user memory; holding a listener is the best evidence.
+    if category == "poll" and proc.inodes:
+        fds = polled_fds(proc.pid, name, st.args)
+        if fds is not None:
+            if any(_socket_inode(proc.link(fd)) in proc.inodes for fd in fds):
+                return _Obs(category, True, name, None, tid)
+            return f"{name}() on fds without the listener"
+    # io_uring (or a poll set that could not be read): holding a listener is the best evidence.
     return _Obs(category, bool(proc.inodes) and bool(proc.listener_fds()), name, None, tid)
+
+
+def _read_mem(pid: int, addr: int, size: int) -> bytes | None:
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, addr)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+def fds_in_fd_set(raw: bytes, nfds: int) -> list[int]:
+    """The fds set in a select() fd_set (an array of longs; on little-endian hosts bit fd%8 of byte
+    fd//8)."""
+    if sys.byteorder != "little":
+        raise NotImplementedError("fd_set decoding is written for little-endian hosts")
+    return [fd for fd in range(min(nfds, len(raw) * 8)) if raw[fd // 8] >> (fd % 8) & 1]
+
+
+def fds_in_pollfds(raw: bytes) -> list[int]:
+    """The fds of a struct pollfd array (negative fds are ignored by poll())."""
+    return [fd for (fd, _ev, _rev) in struct.iter_unpack("=ihh", raw) if fd >= 0]
+
+
+def polled_fds(pid: int, syscall: str, args: tuple[int, ...]) -> list[int] | None:
+    """The read fds a thread blocked in poll/select waits on, from its memory; None if unreadable."""
+    if len(args) < 2:
+        return None
+    if syscall in ("select", "pselect6"):
+        nfds, readfds = args[0], args[1]
+        if not 0 < nfds <= FD_SETSIZE or not readfds:
+            return None
+        raw = _read_mem(pid, readfds, (nfds + 7) // 8)
+        return None if raw is None else fds_in_fd_set(raw, nfds)
+    if syscall in ("poll", "ppoll"):
+        ptr, nfds = args[0], args[1]
+        if not 0 < nfds <= MAX_POLL_FDS or not ptr:
+            return None
+        raw = _read_mem(pid, ptr, nfds * _POLLFD_SIZE)
+        return None if raw is None else fds_in_pollfds(raw)
+    return None
 
 
 def read_task_states(pid: int) -> dict[int, SyscallState]:
@@ -319,8 +386,10 @@ class _Sampler:
         if waiting == 0 or (waiting < sum(self.other.values()) and not proven):
             if self.other:
                 what, n = self.other.most_common(1)[0]
+                elsewhere = "without the listener" in what or "non-listener" in what
                 return WaitMode(
-                    "unknown", f"not waiting for connections: blocked in {what} ({n}/{samples} samples)"
+                    "unknown", f"not waiting for connections: blocked in {what} ({n}/{samples} samples)",
+                    evidence="elsewhere" if elsewhere else "",
                 )
             return WaitMode("unknown", f"running in all {samples} samples (busy); no wait observed")
         key, n = max(self.votes.items(), key=lambda kv: (kv[1], -_rank_key(kv[0])))
@@ -328,29 +397,36 @@ class _Sampler:
         obs = self.example[key]
         seen = f"{n}/{samples} samples, thread {obs.tid}"
         checked = bool(self.proc.inodes)
+        evidence = "listener" if verified else ""
         if category == "accept":
             where = f"listener fd {obs.fd}" if verified else f"fd {obs.fd} (listener not checked)"
-            return WaitMode("blocking-accept", f"blocked in {obs.syscall}() on {where} ({seen})")
+            return WaitMode("blocking-accept", f"blocked in {obs.syscall}() on {where} ({seen})", evidence)
         if category == "epoll":
             if verified:
                 mode = "epoll-exclusive" if exclusive else "epoll"
                 flag = "with EPOLLEXCLUSIVE" if exclusive else "without EPOLLEXCLUSIVE"
                 return WaitMode(
-                    mode, f"{obs.syscall}() on epoll fd {obs.fd}, which watches the listener {flag} ({seen})"
+                    mode, f"{obs.syscall}() on epoll fd {obs.fd}, which watches the listener {flag} ({seen})",
+                    evidence,
                 )
             if checked:
-                # e.g. a master's control loop: it waits, but not for connections on these listeners.
+                # A master's control loop, or an nginx worker that does not hold the accept mutex
+                # (only the holder registers the listener): told apart by resolve_accept_mutex().
                 return WaitMode(
                     "unknown",
                     f"not waiting for connections: {obs.syscall}() on epoll fd {obs.fd}, "
                     f"which does not watch the listener ({seen})",
+                    "elsewhere", epoll_elsewhere=True,
                 )
             return WaitMode("epoll", f"{obs.syscall}() on epoll fd {obs.fd}, listener not checked ({seen})")
         mode = "io_uring" if category == "io_uring" else "poll/select"
-        holds = (
-            "holds the listener" if verified else ("no listener fd" if checked else "listener not checked")
-        )
-        return WaitMode(mode, f"blocked in {obs.syscall}() ({holds}; {seen})")
+        if category == "poll" and verified:
+            holds = "the listener is in its fd set"
+        elif verified:
+            holds = "holds the listener"
+        else:
+            holds = "no listener fd" if checked else "listener not checked"
+        return WaitMode(mode, f"blocked in {obs.syscall}() ({holds}; {seen})", evidence)
 
 
 def _check_args(samples: int, interval_s: float) -> None:
@@ -426,3 +502,31 @@ def detect_wait_modes(
 def _rank_key(key: tuple[str, bool, bool]) -> int:
     category, verified, _ = key
     return (0 if verified else 10) + _CATEGORY_ORDER.index(category)
+
+
+def resolve_accept_mutex(modes: dict[int, WaitMode], ppid: dict[int, int]) -> dict[int, WaitMode]:
+    """nginx's accept_mutex: only the worker holding the mutex has the listener in its epoll set, the
+    others wait in epoll on their connections only. Siblings (same parent) of which some epoll-wait
+    with the listener registered (without EPOLLEXCLUSIVE) and others epoll-wait without it are
+    serialised by the server: all of them get mode "accept-mutex"."""
+    out = dict(modes)
+    by_parent: dict[int, list[int]] = {}
+    for pid in modes:
+        if pid in ppid:
+            by_parent.setdefault(ppid[pid], []).append(pid)
+    for siblings in by_parent.values():
+        holders = [p for p in siblings if modes[p].mode == "epoll" and modes[p].evidence == "listener"]
+        waiting = [p for p in siblings if modes[p].epoll_elsewhere]
+        if not holders or not waiting:
+            continue
+        n = len(holders) + len(waiting)
+        for p in holders + waiting:
+            has = "has" if p in holders else "does not have"
+            out[p] = WaitMode(
+                "accept-mutex",
+                f"epoll wait; {len(holders)} of {n} sibling workers had the listener in their epoll set at "
+                f"the sample, this one {has} it: the server registers the listener only in the accept-"
+                "mutex holder's set (nginx accept_mutex on)",
+                "listener",
+            )
+    return out

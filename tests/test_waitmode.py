@@ -6,6 +6,7 @@ import os
 import platform
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from accept_watch.daemon.waitmode import (
     EPOLLEXCLUSIVE,
     detect_wait_mode,
     detect_wait_modes,
+    fds_in_fd_set,
+    fds_in_pollfds,
     parse_epoll_fdinfo,
     parse_syscall,
     syscall_table,
@@ -47,6 +50,9 @@ NESTED_EPOLL = (
     "outer = select.epoll()\nouter.register(inner.fileno(), select.EPOLLIN)\nouter.poll()\n"
 )
 # epoll on a pipe only: waiting, but not for connections on the listener.
+# gunicorn's arbiter: holds the listener, sleeps in select() on its signal pipe only.
+SELECT_ELSEWHERE = "r, w = os.pipe()\nselect.select([r], [], [])\n"
+POLL_ELSEWHERE = "r, w = os.pipe()\np = select.poll()\np.register(r, select.POLLIN)\np.poll()\n"
 EPOLL_ELSEWHERE = "r, w = os.pipe()\nep = select.epoll()\nep.register(r, select.EPOLLIN)\nep.poll()\n"
 SLEEP = "time.sleep(60)\n"
 BUSY = "while True:\n    pass\n"
@@ -139,7 +145,24 @@ def test_poll_and_select(body: str) -> None:
     with child(body, wait_for={NR["pselect6"], NR["select"], NR["poll"]}) as (pid, ino):
         wm = detect_wait_mode(pid, {ino})
     assert wm.mode == "poll/select"
-    assert "holds the listener" in wm.detail
+    assert "the listener is in its fd set" in wm.detail  # read from the thread's memory
+    assert wm.evidence == "listener"
+
+
+@pytest.mark.parametrize("body", [SELECT_ELSEWHERE, POLL_ELSEWHERE])
+def test_poll_or_select_on_other_fds_is_not_a_listener_wait(body: str) -> None:
+    with child(body, wait_for={NR["pselect6"], NR["select"], NR["poll"]}) as (pid, ino):
+        wm = detect_wait_mode(pid, {ino})
+    assert wm.mode == "unknown"
+    assert "without the listener" in wm.detail
+    assert wm.evidence == "elsewhere"
+
+
+def test_fd_set_and_pollfd_decoding() -> None:
+    raw = bytes([0b0000_0001, 0, 0b1000_0000]) + bytes(5)
+    assert fds_in_fd_set(raw, 64) == [0, 23]
+    assert fds_in_fd_set(raw, 20) == [0]
+    assert fds_in_pollfds(struct.pack("=ihh", 7, 1, 0) + struct.pack("=ihh", -1, 1, 0)) == [7]
 
 
 def test_accept_on_another_socket_is_not_a_listener_wait() -> None:
