@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,8 @@ from . import discovery
 from .clock import ClockMap, iso_utc
 from .discovery import ProcessInfo, Topology
 from .export import event_to_dict
+from .fairshare import ShareTracker
+from .generations import Masters
 
 SCHEMA = "accept-watch/1"
 _NS = 1_000_000_000
@@ -165,6 +167,10 @@ class Aggregator:
         self._bin: dict[int, int] = {}
         self._rate_history: deque[list[Any]] = deque(maxlen=int(HISTORY_S / BIN_CLOSE_S) + 2)
         self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._roles: dict[int, str] = {}
+        self._alive_now: set[int] | None = None
+        self._shares = ShareTracker(self.clock.start_mono)
+        self._masters = Masters()
         self._apply_topology(topology, self.clock.start_mono)
         self._apply_listeners(topology, self.clock.start_mono)
 
@@ -192,14 +198,21 @@ class Aggregator:
                 return []
             return list(self._events)[-limit:]
 
-    def update(self, snapshot: KernelSnapshot, topology: Topology, depths: Mapping[int, int]) -> None:
+    def update(self, snapshot: KernelSnapshot, topology: Topology, depths: Mapping[int, int],
+               roles: Mapping[int, str] | None = None, alive: Set[int] | None = None) -> None:
+        """roles: pid -> role from evidence (daemon/roles.py; default: discovery's structural roles);
+        alive: the pids alive right now (default: the topology's processes)."""
         with self._lock:
             now = snapshot.taken_ns
             if self._last_ns is not None and now < self._last_ns:
                 raise ValueError(f"snapshot at {now} ns is older than the previous one ({self._last_ns} ns)")
             self._topology = topology
+            self._roles = dict(roles) if roles is not None else {}
+            self._alive_now = set(alive) if alive is not None else None
             self._apply_topology(topology, now)
             self._apply_counters(snapshot, now)
+            self._apply_shares(snapshot, topology, now)
+            self._masters.update(topology, self._workers_roles(), self._alive_now, self.clock.iso(now))
             self._apply_listeners(topology, now)
             self._apply_listener_counters(snapshot, depths, now)
             self._transitions = dict(snapshot.transitions)
@@ -235,7 +248,7 @@ class Aggregator:
             pid=pid,
             ppid=info.ppid if info else None,
             cmdline=info.cmdline if info else "?",
-            role=info.role if info else "worker",
+            role=self._role(pid, info),
             create_time=info.create_time if info else None,
             discovered=discovered,
             alive=info is not None,
@@ -246,11 +259,32 @@ class Aggregator:
         return w
 
     def _retire(self, w: _Worker) -> None:
-        """Drop a record from the document; its accepts stay in total_accepts."""
+        """Drop a record from the document; its accepts stay in total_accepts (and, folded into one
+        'exited workers' entry, in the fair-share figures)."""
+        self._shares.fold(w.pid)
         self._evicted[w.pid] = w.raw
         self._evicted_accepts += w.accepts
         self._evicted_workers += 1
         del self._workers[w.pid]
+
+    def _role(self, pid: int, info: ProcessInfo | None) -> str:
+        if pid in self._roles:
+            return self._roles[pid]
+        return info.role if info else "worker"
+
+    def _workers_roles(self) -> dict[int, str]:
+        return {pid: w.role for pid, w in self._workers.items()}
+
+    def _apply_shares(self, snapshot: KernelSnapshot, topology: Topology, now: int) -> None:
+        accepts: dict[tuple[int, int], int] = {}
+        for wc in snapshot.workers:
+            accepts[(wc.pid, wc.port)] = accepts.get((wc.pid, wc.port), 0) + wc.accepts
+        by_port: dict[int, set[int]] = {}
+        for lst in topology.listeners:
+            by_port.setdefault(lst.port, set()).update(
+                p for p in lst.pids if p in self._workers and self._workers[p].role == "worker")
+        alive = {pid for pid, w in self._workers.items() if w.alive}
+        self._shares.update(accepts, snapshot.transitions, by_port, alive, now)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():
@@ -265,12 +299,21 @@ class Aggregator:
                 self._workers[pid] = self._new_worker(info, pid, True, self._evicted.pop(pid, None))
                 continue
             # cmdline changes after fork (gunicorn and nginx set their process titles)
-            w.cmdline, w.ppid, w.role, w.create_time = info.cmdline, info.ppid, info.role, info.create_time
+            w.cmdline, w.ppid, w.create_time = info.cmdline, info.ppid, info.create_time
+            w.role = self._role(pid, info)
             w.discovered = True
-            w.alive = True
-            w.exited_ns = None
+            if self._alive_now is None or pid in self._alive_now:
+                w.alive = True
+                w.exited_ns = None
         for pid, w in self._workers.items():
-            if not w.alive or pid in topology.processes:
+            if pid in self._roles:
+                w.role = self._roles[pid]
+            if not w.alive:
+                continue
+            if pid in topology.processes:
+                if self._alive_now is not None and pid not in self._alive_now:
+                    w.alive = False  # gone since the last scan of the tree
+                    w.exited_ns = now
                 continue
             if not w.discovered:
                 # Seen only through the kernel (forked between refreshes): ask the system directly.
@@ -537,5 +580,7 @@ class Aggregator:
             "workers": workers,
             "rate_history": [[t, dict(c)] for t, c in self._rate_history],
             "transitions": transitions,
+            "fair_share": self._shares.to_doc(),
+            "masters": self._masters.to_doc(),
             "analysis": {},
         }
