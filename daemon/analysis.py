@@ -1,29 +1,39 @@
 """Why a distribution looks the way it does: fairness figures and the accept-sequence pattern.
 
-Pure Python, no scipy: the chi-square tail is computed from the regularized upper incomplete gamma
-function (Numerical Recipes, 3rd ed., section 6.2: series for x < a + 1, Lentz continued fraction
-otherwise).
-
 Two questions are answered separately, because they have different causes:
-  * fairness - how evenly the accepts are shared (Jain, max/mean, CV, Gini, chi-square vs an even split);
+  * fairness - how evenly the accepts are shared, each worker against its fair share of the accepts
+    made while it was live (daemon/fairshare.py), so replacing workers alone never reads as unfair;
   * sequence - who accepts *next*, from the in-kernel (previous pid -> pid) transition counts:
-      round-robin     FIFO wake-up (workers blocked in accept()): the next acceptor is rarely the last one;
-      concentrated    LIFO wake-up (epoll) or uneven shares: the last acceptor tends to accept again;
+      round-robin     the next acceptor is rarely the last one (FIFO wake-up, or busy workers taking turns);
+      concentrated    uneven shares, or the last acceptor tends to accept again (LIFO wake-up);
       random          independent draws (SO_REUSEPORT hash, workers racing): self-transitions as expected;
       single-acceptor one pid takes >= 99 %;
       even            shares only, no sequence data: round-robin and random cannot be told apart;
       not enough data too few accepts for the tests below to mean anything.
+The mechanism behind it (the verdict's cause) comes from daemon/explain.py.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter as _Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from accept_watch.daemon.waitmode import WaitMode
+from .explain import Verdict, dominant_wait_mode, mechanism, pct, span, why
+from .fairshare import self_baseline
+from .figures import (  # noqa: F401 - re-exported: the analysis API
+    chi2_sf,
+    chi_square_even,
+    coefficient_of_variation,
+    fairness,
+    fairness_vs_expected,
+    gini,
+    jain_index,
+    max_mean_ratio,
+    regularized_gamma_q,
+)
+from .waitmode import WaitMode
 
 # ---------------------------------------------------------------------------------------------------
 # Thresholds (why these numbers)
@@ -50,260 +60,41 @@ SINGLE_SHARE = 0.99
 
 PATTERNS = ("round-robin", "concentrated", "random", "single-acceptor", "even", "not enough data")
 
-# ---------------------------------------------------------------------------------------------------
-# Chi-square tail
-# ---------------------------------------------------------------------------------------------------
-_EPS = 1e-15
-_FPMIN = 1e-300
-
-
-def _max_iter(a: float) -> int:
-    # Both expansions converge in O(sqrt(a)) terms near x ~ a (NR 6.2); leave generous room.
-    return 1000 + int(50 * math.sqrt(a))
-
-
-def _gamma_series_p(a: float, x: float) -> float:
-    """Regularized lower incomplete gamma P(a, x) by its series; converges fast for x < a + 1."""
-    ap = a
-    term = total = 1.0 / a
-    for _ in range(_max_iter(a)):
-        ap += 1.0
-        term *= x / ap
-        total += term
-        if abs(term) < abs(total) * _EPS:
-            return total * math.exp(-x + a * math.log(x) - math.lgamma(a))
-    raise ArithmeticError(f"incomplete gamma series did not converge (a={a}, x={x})")
-
-
-def _gamma_cf_q(a: float, x: float) -> float:
-    """Regularized upper incomplete gamma Q(a, x) by its continued fraction (modified Lentz); x >= a + 1."""
-    b = x + 1.0 - a
-    c = 1.0 / _FPMIN
-    d = 1.0 / b
-    h = d
-    for i in range(1, _max_iter(a) + 1):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        if abs(d) < _FPMIN:
-            d = _FPMIN
-        c = b + an / c
-        if abs(c) < _FPMIN:
-            c = _FPMIN
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < _EPS:
-            return math.exp(-x + a * math.log(x) - math.lgamma(a)) * h
-    raise ArithmeticError(f"incomplete gamma continued fraction did not converge (a={a}, x={x})")
-
-
-def regularized_gamma_q(a: float, x: float) -> float:
-    """Q(a, x) = Gamma(a, x) / Gamma(a), for a > 0, x >= 0."""
-    if not a > 0 or math.isinf(a):
-        raise ValueError(f"regularized_gamma_q: a must be a positive finite number, got {a}")
-    if not x >= 0:
-        raise ValueError(f"regularized_gamma_q: x must be >= 0, got {x}")
-    if x == 0:
-        return 1.0
-    if math.isinf(x):
-        return 0.0
-    if x < a + 1.0:
-        return max(0.0, 1.0 - _gamma_series_p(a, x))
-    return _gamma_cf_q(a, x)
-
-
-def chi2_sf(x: float, df: float) -> float:
-    """Survival function of the chi-square distribution: P(X >= x) with df degrees of freedom."""
-    if not df > 0:
-        raise ValueError(f"chi2_sf: degrees of freedom must be > 0, got {df}")
-    if not x >= 0:
-        raise ValueError(f"chi2_sf: statistic must be >= 0, got {x}")
-    return regularized_gamma_q(df / 2.0, x / 2.0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fairness over a counts vector
-# ---------------------------------------------------------------------------------------------------
-
-
-def _check_counts(counts: Sequence[int] | Sequence[float]) -> list[float]:
-    values = list(counts)
-    if not values:
-        raise ValueError("fairness: the counts vector is empty (no workers)")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 or math.isinf(v):
-            raise ValueError(f"fairness: counts must be non-negative numbers, got {v!r}")
-    return [float(v) for v in values]
-
-
-def jain_index(counts: Sequence[float]) -> float | None:
-    """(sum x)^2 / (n * sum x^2): 1.0 for an even split, 1/n when one worker takes everything."""
-    xs = _check_counts(counts)
-    squares = sum(v * v for v in xs)
-    if squares == 0:
-        return None
-    return sum(xs) ** 2 / (len(xs) * squares)
-
-
-def max_mean_ratio(counts: Sequence[float]) -> float | None:
-    """Largest count over the mean: how many fair shares the busiest worker takes."""
-    xs = _check_counts(counts)
-    total = sum(xs)
-    if total == 0:
-        return None
-    return max(xs) / (total / len(xs))
-
-
-def coefficient_of_variation(counts: Sequence[float]) -> float | None:
-    """Population standard deviation over the mean (0 for an even split)."""
-    xs = _check_counts(counts)
-    total = sum(xs)
-    if total == 0:
-        return None
-    mean = total / len(xs)
-    return math.sqrt(sum((v - mean) ** 2 for v in xs) / len(xs)) / mean
-
-
-def gini(counts: Sequence[float]) -> float | None:
-    """Gini coefficient: 0 for an even split, (n-1)/n when one worker takes everything."""
-    xs = sorted(_check_counts(counts))
-    total = sum(xs)
-    if total == 0:
-        return None
-    n = len(xs)
-    weighted = sum((i + 1) * v for i, v in enumerate(xs))
-    return 2.0 * weighted / (n * total) - (n + 1.0) / n
-
-
-def chi_square_even(counts: Sequence[float]) -> tuple[float, int, float] | None:
-    """Pearson chi-square against an even split: (statistic, degrees of freedom, p-value).
-
-    None when undefined (fewer than two workers or no accepts).
-    """
-    xs = _check_counts(counts)
-    total = sum(xs)
-    if total == 0 or len(xs) < 2:
-        return None
-    expected = total / len(xs)
-    stat = sum((v - expected) ** 2 for v in xs) / expected
-    df = len(xs) - 1
-    return stat, df, chi2_sf(stat, df)
-
-
-def fairness(counts: Sequence[float]) -> dict[str, Any]:
-    """All fairness figures of one counts vector (zeros included: alive workers that got nothing)."""
-    xs = _check_counts(counts)
-    total = sum(xs)
-    chi = chi_square_even(xs)
-    return {
-        "workers": len(xs),
-        "accepts": int(total) if float(total).is_integer() else total,
-        "jain": jain_index(xs),
-        "max_mean_ratio": max_mean_ratio(xs),
-        "cv": coefficient_of_variation(xs),
-        "gini": gini(xs),
-        "chi2": chi[0] if chi else None,
-        "chi2_df": chi[1] if chi else None,
-        "chi2_p": chi[2] if chi else None,
-        "max_share": max(xs) / total if total else None,
-        "min_share": min(xs) / total if total else None,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sequence pattern
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    pattern: str  # one of PATTERNS
-    confidence: str  # "low" | "medium" | "high"
-    sentence: str  # one plain-language line
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pattern": self.pattern,
-            "confidence": self.confidence,
-            "sentence": self.sentence,
-            "figures": dict(self.figures),
-        }
-
 
 def min_accepts(workers: int) -> int:
     """Accepts needed before a pattern is judged (see MIN_PER_WORKER / MIN_TOTAL)."""
     return max(MIN_TOTAL, MIN_PER_WORKER * workers)
 
 
-def _pct(x: float) -> str:
-    return f"{100.0 * x:.1f} %"
-
-
-def _span(low: float, high: float) -> str:
-    """ "12.3-12.8 %", or "12.5 %" when both ends round alike."""
-    a, b = f"{100.0 * low:.1f}", f"{100.0 * high:.1f}"
-    return f"{a} %" if a == b else f"{a}-{b} %"
-
-
-def _dominant_wait_mode(wait_modes: Mapping[int, str] | None, pids: Iterable[int]) -> str | None:
-    """The wait mode shared by most of these workers (None when unknown)."""
-    if not wait_modes:
-        return None
-    modes = _Counter(wait_modes[p] for p in pids if p in wait_modes and wait_modes[p] != "unknown")
-    if not modes:
-        return None
-    return modes.most_common(1)[0][0]
-
-
-def _why_round_robin(mode: str | None) -> str:
-    if mode == "blocking-accept":
-        return "workers block in accept() and the kernel wakes them in FIFO order"
-    if mode in ("poll/select", "epoll"):
-        return (f"workers wait in {mode} but under load each takes the next queued connection as soon as "
-                "it finishes one, so they take turns")
-    return "the kernel wakes blocked accept() callers in FIFO order"
-
-
-def _why_concentrated(mode: str | None, taking_turns: bool = False) -> str:
-    if taking_turns and mode in ("epoll", "poll/select"):
-        # Every waiter is woken; the last acceptor is rarely the winner, so "most recent wins" would
-        # contradict the figures.
-        return f"typical of {mode} wake-ups: every waiter is woken and the same few workers keep winning"
-    if mode == "epoll-exclusive":
-        return "EPOLLEXCLUSIVE wakes the first idle waiter in registration order, so early workers win"
-    if mode == "blocking-accept":
-        return "unusual for blocking accept() (FIFO): check whether the other workers are busy or stuck"
-    if mode == "poll/select":
-        return "workers race after a poll/select wake-up and the one already running wins"
-    return "typical of epoll wake-ups (LIFO: the most recently active worker wins)"
-
-
-def _why_random(listener_mode: str | None) -> str:
-    if listener_mode == "reuseport":
-        return "SO_REUSEPORT hashes each connection to one worker's socket"
-    if listener_mode == "shared":
-        return "workers race for the shared socket and whichever is free first takes the next connection"
-    return "typical of SO_REUSEPORT hashing or of workers racing for the socket"
+def _name(pid: int) -> str:
+    return "exited workers" if pid == 0 else f"worker {pid}"
 
 
 def classify(
     counts: Mapping[int, int],
     transitions: Mapping[tuple[int, int], int] | None,
     *,
+    expected: Mapping[int, float] | None = None,
+    self_expected: float | None = None,
+    live_workers: Mapping[str, Any] | None = None,
     listener_mode: str | None = None,
     wait_modes: Mapping[int, str] | None = None,
+    sockets: int | None = None,
+    bystanders: int = 0,
 ) -> Verdict:
     """Classify one port's accept pattern.
 
-    counts: pid -> accepts on this port, zeros included for workers that hold the socket but got nothing.
-    transitions: (previous pid, pid) -> count, or None when no sequence data exists. A previous pid of 0
-    marks the first accept (no predecessor): it counts for shares, not for the self-transition test.
-    listener_mode / wait_modes only choose the wording of the "why".
+    counts: pid -> accepts on this port of the workers able to accept (zeros included; pid 0 = exited
+    workers folded together). transitions: (previous pid, pid) -> count, or None without sequence
+    data; a previous pid of 0 marks the first accept and is not a pair. expected: pid -> accepts owed
+    (fair share while live; None: an even split). self_expected: the same-worker-twice baseline for
+    the workers live at each moment (None: sum of squared shares). listener_mode / wait_modes give
+    the cause; bystanders: other processes holding the socket that never wait on it.
     """
     if not counts:
-        raise ValueError("classify: no workers for this port")
+        return Verdict("not enough data", "low",
+                       "Not enough data: no worker has been seen accepting or waiting on this port.",
+                       {"workers": 0, "accepts": 0})
     for pid, c in counts.items():
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"classify: accepts of pid {pid} must be a non-negative integer, got {c!r}")
@@ -312,89 +103,70 @@ def classify(
             raise ValueError(f"classify: transition {key!r} must map to a non-negative integer, got {c!r}")
     pids = sorted(counts)
     n = len(pids)
-    vector = [counts[p] for p in pids]
-    total = sum(vector)
-    need = min_accepts(n)
+    live_max = int((live_workers or {}).get("max") or n)
+    total = sum(counts.values())
+    mode = dominant_wait_mode(wait_modes, pids)
+    cause, evidence = mechanism(listener_mode, mode, n, sockets)
+    need = min_accepts(min(n, live_max))
     figures: dict[str, Any] = {"workers": n, "accepts": total, "min_accepts": need}
-
-    if total < need:
-        return Verdict(
-            "not enough data",
-            "low",
-            f"Not enough data: {total} accepts over {n} worker{'s' if n != 1 else ''}; at least {need} "
-            f"are needed ({MIN_PER_WORKER} per worker, {MIN_TOTAL} minimum) to judge the pattern.",
-            figures,
-        )
-
-    fair = fairness(vector)
-    shares = {p: counts[p] / total for p in pids}
-    top_pid = max(pids, key=lambda p: (counts[p], -p))
-    top_share = shares[top_pid]
-    idle = [p for p in pids if counts[p] == 0]
-    figures.update(
-        {
-            "jain": fair["jain"],
-            "max_mean_ratio": fair["max_mean_ratio"],
-            "cv": fair["cv"],
-            "gini": fair["gini"],
-            "chi2": fair["chi2"],
-            "chi2_df": fair["chi2_df"],
-            "chi2_p": fair["chi2_p"],
-            "top_pid": top_pid,
-            "top_share": top_share,
-            "min_share": fair["min_share"],
-            "idle_workers": len(idle),
-        }
-    )
-    mode = _dominant_wait_mode(wait_modes, pids)
+    if live_workers:
+        figures["live_workers"] = dict(live_workers)
     if mode is not None:
         figures["wait_mode"] = mode
 
-    if n == 1:
-        return Verdict(
-            "single-acceptor",
-            "high",
-            f"Single acceptor: only process {top_pid} accepts on this port ({total} accepts); "
-            "no other worker holds the socket.",
-            figures,
-        )
-    if top_share >= SINGLE_SHARE:
-        return Verdict(
-            "single-acceptor",
-            "high",
-            f"Single acceptor: worker {top_pid} took {_pct(top_share)} of {total} accepts while "
-            f"{n - 1} other workers waited; {_why_concentrated(mode)}.",
-            figures,
-        )
+    def verdict(pattern: str, confidence: str, sentence: str) -> Verdict:
+        return Verdict(pattern, confidence, sentence, figures, cause, evidence)
 
-    # Evenness: significant (chi-square) and material (a worker >= 25 % off its fair share).
-    max_ratio = fair["max_mean_ratio"]
-    min_ratio = fair["min_share"] * n
-    p_even = fair["chi2_p"]
+    if n == 1:
+        others = (f"; {bystanders} other process{'es' if bystanders != 1 else ''} hold the socket without "
+                  "waiting on it (they serve connections handed to them, or supervise)") if bystanders else ""
+        return verdict("single-acceptor", "high",
+                       f"Single acceptor: only process {pids[0]} accepts on this port ({total} accepts)"
+                       f"{others}.")
+    if total < need:
+        return verdict("not enough data", "low",
+                       f"Not enough data: {total} accepts over {n} workers; at least {need} are needed "
+                       f"({MIN_PER_WORKER} per worker, {MIN_TOTAL} minimum) to judge the pattern.")
+
+    fair = fairness_vs_expected(dict(counts), dict(expected) if expected is not None else None)
+    shares = {p: counts[p] / total for p in pids}
+    ratio = fair["ratio_by_pid"]
+    top_pid = max(pids, key=lambda p: (counts[p], -p))
+    top_share = shares[top_pid]
+    over_pid = max(ratio, key=lambda p: (ratio[p], counts[p])) if ratio else top_pid
+    idle = [p for p in pids if counts[p] == 0 and p != 0]
+    figures.update({k: fair[k] for k in ("jain", "max_mean_ratio", "min_ratio", "cv", "gini", "chi2",
+                                         "chi2_df", "chi2_p")})
+    figures.update({"top_pid": top_pid, "top_share": top_share, "min_share": fair["min_share"],
+                    "idle_workers": len(idle),
+                    "fair_share": {str(p): round(s, 4) for p, s in fair["fair_share_by_pid"].items()}})
+
+    if top_share >= SINGLE_SHARE:
+        return verdict("single-acceptor", "high",
+                       f"Single acceptor: {_name(top_pid)} took {pct(top_share)} of {total} accepts while "
+                       f"{n - 1} other workers could have accepted; {why('single-acceptor', cause)}.")
+
+    max_ratio = fair["max_mean_ratio"] or 0.0
+    min_ratio = fair["min_ratio"] if fair["min_ratio"] is not None else 1.0
+    p_even = fair["chi2_p"] if fair["chi2_p"] is not None else 1.0
     uneven_material = max_ratio >= 1 + MATERIAL_SHARE or min_ratio <= 1 - MATERIAL_SHARE
     uneven = p_even < ALPHA and uneven_material
     low_share, high_share = min(shares.values()), max(shares.values())
+    churn = live_workers is not None and (live_workers.get("min") != live_workers.get("max")
+                                          or n > live_max)
+    live_note = (f" (fair share counted over the {live_workers['min']}-{live_workers['max']} workers live at "
+                 "each moment)") if churn and live_workers else ""
 
-    # Sequence: the number of self-transitions S among M transitions with a known predecessor, against
-    # its expectation if each accept were an independent draw from the observed shares,
-    # q = sum(p_i^2) (= 1/n for an even split). Binomial(M, q) -> z = (S - Mq) / sqrt(Mq(1-q)).
-    # (Consecutive self-indicators are not exactly independent for uneven shares; the binomial is the
-    # usual, slightly liberal, approximation and the materiality ratio guards against over-reading it.)
     if transitions is None:
         figures["sequence"] = False
         if uneven:
-            return _concentrated(
-                figures, n, top_pid, top_share, idle, None, p_even, mode=mode, listener_mode=listener_mode
-            )
+            return _concentrated(verdict, figures, n, over_pid, ratio, shares, idle, None, p_even, cause,
+                                 live_note=live_note)
         conf = "high" if p_even >= 0.01 else ("medium" if p_even >= ALPHA else "low")
-        return Verdict(
-            "even",
-            conf,
-            f"Even split: {n} workers took {_span(low_share, high_share)} (Jain {fair['jain']:.3f}, "
-            f"chi-square p={p_even:.2g}); no accept-sequence data, so round-robin and random cannot be "
-            "told apart.",
-            figures,
-        )
+        return verdict("even", conf,
+                       f"Even split: {n} workers took {span(low_share, high_share)} of {total} accepts "
+                       f"(Jain {fair['jain']:.3f}, chi-square p={p_even:.2g}){live_note}; no accept-sequence "
+                       "data, so round-robin and random cannot be told apart.")
 
     m = 0
     self_count = 0
@@ -406,150 +178,89 @@ def classify(
         if prev == cur:
             self_count += c
         best_successor[prev] = max(best_successor.get(prev, 0), c)
-    q = sum(s * s for s in shares.values())
+    q = self_expected if self_expected is not None else sum(s * s for s in shares.values())
     figures["sequence"] = True
     figures["transitions"] = m
-    if m == 0:
+    if m == 0 or not 0 < q < 1:
         figures["self_rate"] = None
-        return Verdict(
-            "not enough data",
-            "low",
-            f"Not enough data: {total} accepts but no consecutive pair on this port was recorded.",
-            figures,
-        )
+        return verdict("not enough data", "low",
+                       f"Not enough data: {total} accepts but no consecutive pair on this port was recorded.")
     self_rate = self_count / m
-    expected = m * q
-    var = m * q * (1.0 - q)
-    z = (self_count - expected) / math.sqrt(var) if var > 0 else None
-    # Fraction of transitions that go to each predecessor's most frequent successor: ~1 when successors
-    # cycle in a fixed order, a little above 1/n when they are independent.
+    z = (self_count - m * q) / math.sqrt(m * q * (1.0 - q))
     determinism = sum(best_successor.values()) / m
-    figures.update(
-        {
-            "self_transitions": self_count,
-            "self_rate": self_rate,
-            "self_expected": q,
-            "self_z": z,
-            "self_ratio": self_rate / q if q > 0 else None,
-            "successor_determinism": determinism,
-        }
-    )
-    ratio = self_rate / q
-    sticky = z is not None and z >= Z_CRIT and ratio >= STICKY_RATIO
-    anti_sticky = z is not None and z <= -Z_CRIT and ratio <= ANTI_STICKY_RATIO
+    figures.update({"self_transitions": self_count, "self_rate": self_rate, "self_expected": q,
+                    "self_z": z, "self_ratio": self_rate / q, "successor_determinism": determinism})
+    sticky = z >= Z_CRIT and self_rate / q >= STICKY_RATIO
+    anti_sticky = z <= -Z_CRIT and self_rate / q <= ANTI_STICKY_RATIO
 
     if uneven or sticky:
-        seq = (self_rate, q, z) if sticky else None
-        p_uneven = p_even if uneven else None
-        turns = (self_rate, q) if anti_sticky else None
-        return _concentrated(
-            figures, n, top_pid, top_share, idle, seq, p_uneven, mode=mode, listener_mode=listener_mode,
-            turns=turns,
-        )
-
+        return _concentrated(verdict, figures, n, over_pid, ratio, shares, idle,
+                             (self_rate, q, z) if sticky else None, p_even if uneven else None, cause,
+                             turns=(self_rate, q) if anti_sticky else None, live_note=live_note)
     if anti_sticky:
-        strong = z is not None and z <= -STRONG_Z and not uneven_material
-        cycle = (
-            f", successors cycle in a fixed order {_pct(determinism)} of the time"
-            if determinism >= 0.8
-            else ""
-        )
-        return Verdict(
-            "round-robin",
-            "high" if strong else "medium",
-            f"Round-robin-like: {n} workers each took {_span(low_share, high_share)} "
-            f"(Jain {fair['jain']:.3f}); the same worker accepts twice in a row {_pct(self_rate)} "
-            f"of the time ({_pct(q)} if independent){cycle} - {_why_round_robin(mode)}.",
-            figures,
-        )
-
-    # Random: neither material unevenness nor material (anti-)stickiness. Confidence drops when a test is
-    # significant but its effect too small to name.
+        strong = z <= -STRONG_Z and not uneven_material
+        cycle = (f", successors cycle in a fixed order {pct(determinism)} of the time"
+                 if determinism >= 0.8 else "")
+        return verdict("round-robin", "high" if strong else "medium",
+                       f"Round-robin-like: {n} workers each took {span(low_share, high_share)} "
+                       f"(Jain {fair['jain']:.3f}) of {total} accepts{live_note}; the same worker accepts "
+                       f"twice in a row {pct(self_rate)} of the time ({pct(q)} if independent){cycle} - "
+                       f"{why('round-robin', cause)}.")
     notes = []
     if p_even < ALPHA:
         notes.append(f"shares are slightly uneven (chi-square p={p_even:.2g}, max {max_ratio:.2f}x fair)")
-    if z is not None and z >= Z_CRIT:
+    if z >= Z_CRIT:
         notes.append(f"slightly sticky (z={z:.1f})")
-    elif z is not None and z <= -Z_CRIT:
+    elif z <= -Z_CRIT:
         notes.append(f"leans round-robin (z={z:.1f})")
     if notes:
         conf = "low"
-    elif p_even >= 0.01 and z is not None and abs(z) < 2.0:
+    elif p_even >= 0.01 and abs(z) < 2.0:
         conf = "high"
     else:
         conf = "medium"
     extra = f"; {', '.join(notes)}" if notes else ""
-    return Verdict(
-        "random",
-        conf,
-        f"Random-like: {n} workers took {_span(low_share, high_share)} (chi-square p={p_even:.2g}) and "
-        f"the next acceptor is independent of the last (same worker {_pct(self_rate)}, {_pct(q)} expected)"
-        f"{extra} - {_why_random(listener_mode)}.",
-        figures,
-    )
+    return verdict("random", conf,
+                   f"Random-like: {n} workers took {span(low_share, high_share)} of {total} accepts "
+                   f"(chi-square p={p_even:.2g}){live_note} and the next acceptor is independent of the last "
+                   f"(same worker {pct(self_rate)}, {pct(q)} expected){extra} - {why('random', cause)}.")
 
 
-def _concentrated(
-    figures: dict[str, Any],
-    n: int,
-    top_pid: int,
-    top_share: float,
-    idle: list[int],
-    seq: tuple[float, float, float | None] | None,
-    p_uneven: float | None,
-    *,
-    mode: str | None,
-    listener_mode: str | None,
-    turns: tuple[float, float] | None = None,
-) -> Verdict:
-    """Verdict for uneven shares (p_uneven given) and/or sticky successions (seq given).
-
-    The sentence leads with the strongest visible cause: a worker well above its share, else idle workers.
-    """
+def _concentrated(verdict: Any, figures: dict[str, Any], n: int, over_pid: int, ratio: Mapping[int, float],
+                  shares: Mapping[int, float], idle: list[int],
+                  seq: tuple[float, float, float] | None, p_uneven: float | None, cause: str, *,
+                  turns: tuple[float, float] | None = None, live_note: str = "") -> Verdict:
+    """Uneven shares (p_uneven given) and/or sticky successions (seq given); the sentence leads with
+    the strongest visible cause: a worker well above its fair share, else idle workers."""
     parts = []
-    over = top_share * n >= 1 + MATERIAL_SHARE
+    r = ratio.get(over_pid, 0.0)
+    over = r >= 1 + MATERIAL_SHARE
     if p_uneven is not None:
         if over:
-            share_part = f"worker {top_pid} takes {_pct(top_share)} - {top_share * n:.1f}x its fair share"
+            part = f"{_name(over_pid)} takes {pct(shares[over_pid])} - {r:.1f}x its fair share{live_note}"
             if idle:
-                share_part += f", {len(idle)} of {n} workers got nothing"
+                part += f", {len(idle)} of {n} workers got nothing"
         else:
-            share_part = f"{len(idle) or 'some'} of {n} workers got {'nothing' if idle else 'too little'}"
-        parts.append(share_part)
+            got = "nothing" if idle else "too little"
+            part = f"{len(idle) or 'some'} of {n} workers got {got}{live_note}"
+        parts.append(part)
     if seq is not None:
-        self_rate, q, _z = seq
-        text = (
-            f"consecutive accepts stay on the same worker {_pct(self_rate)} of the time "
-            f"({_pct(q)} expected if independent)"
-        )
+        text = (f"consecutive accepts stay on the same worker {pct(seq[0])} of the time "
+                f"({pct(seq[1])} expected if independent)")
         if p_uneven is None:
             text += ", although the overall shares are close to even"
         parts.append(text)
     if turns is not None:
-        # Uneven shares, yet consecutive accepts rarely stay on one worker: the busy few take turns.
-        parts.append(
-            f"the same worker accepts twice in a row only {_pct(turns[0])} of the time "
-            f"({_pct(turns[1])} if independent), so the busy workers take turns"
-        )
-    if seq is None and over and listener_mode == "reuseport":
-        why = "SO_REUSEPORT hashes each connection to a socket, and few distinct clients load some more"
-    elif seq is None and over and mode is None:
-        # Uneven but not sticky: no sign of LIFO; name the usual suspects without claiming one.
-        why = "some workers win the wake-ups more often (wake-up order, CPU placement or slower workers)"
-    elif seq is not None or over:
-        why = _why_concentrated(mode, taking_turns=turns is not None)
-    else:
+        parts.append(f"the same worker accepts twice in a row only {pct(turns[0])} of the time "
+                     f"({pct(turns[1])} if independent), so the busy workers take turns")
+    if seq is None and not over and cause not in ("reuseport-hash", "accept-mutex"):
         who = "that worker is" if len(idle) == 1 else "those workers are"
-        why = f"check whether {who} stuck, busy, or not accepting on this socket"
-    strong = (p_uneven is not None and p_uneven < STRONG_P) or (
-        seq is not None and seq[2] is not None and seq[2] >= STRONG_Z
-    )
-    return Verdict(
-        "concentrated",
-        "high" if strong else "medium",
-        f"Concentrated: {'; '.join(parts)}; {why}.",
-        figures,
-    )
+        reason = f"check whether {who} stuck, busy, or not accepting on this socket"
+    else:
+        reason = why("concentrated", cause, taking_turns=turns is not None)
+    strong = (p_uneven is not None and p_uneven < STRONG_P) or (seq is not None and seq[2] >= STRONG_Z)
+    return verdict("concentrated", "high" if strong else "medium",
+                   f"Concentrated: {'; '.join(parts)}; {reason}.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -636,40 +347,81 @@ def _check_rate_history(doc: Mapping[str, Any]) -> list[Any]:
     return sorted(history, key=lambda e: e[0])
 
 
-# A worker that accepted at least this many connections while already holding another open one
-# queues requests inside itself (asyncio servers accept as fast as they can): the kernel's accept
-# queue looks empty while requests wait in the busy worker. One such accept can be a keep-alive
-# client lingering; a handful is a pattern.
+# Requests wait inside a worker when it accepted connections whose request it has not even read
+# (daemon/unread.py: unread bytes on accepted sockets, seen twice 50 ms apart) while it also kept
+# accepting with connections open. Many connections in flight alone is normal for threaded, forking
+# and event-loop servers that serve them in parallel; it is not evidence of waiting.
 INFLIGHT_BUSY_MIN = 3
-# ... and "many" open connections: two at once is a client that has not closed yet, three is a queue.
-INFLIGHT_MAX_MIN = 3
+UNREAD_MIN = 2
 
 
 def inflight_flagged(inf: Mapping[str, Any]) -> bool:
-    return (int(inf.get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN
-            and int(inf.get("max") or 0) >= INFLIGHT_MAX_MIN)
+    try:
+        return (int(inf.get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN
+                and int(inf.get("unread_max") or 0) >= UNREAD_MIN)
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _inflight_flags(workers: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
-    busy = [w for w in workers if inflight_flagged(w.get("inflight") or {})]
+    busy = [w for w in workers if isinstance(w.get("inflight"), Mapping) and inflight_flagged(w["inflight"])]
     if not busy:
         return []
-    busy.sort(key=lambda w: -int(w["inflight"]["max"]))
+    busy.sort(key=lambda w: -int(w["inflight"].get("unread_max") or 0))
     top = busy[0]
     inf = top["inflight"]
     others = f" (and {len(busy) - 1} more worker(s))" if len(busy) > 1 else ""
     return [{
         "code": "inflight_queueing",
-        "message": f"worker {top['pid']} accepted {inf['busy_accepts']} connection(s) while already holding "
-        f"open ones, up to {inf['max']} at once{others}: requests wait inside the worker, "
-        "where the accept queue does not show them.",
+        "message": f"worker {top['pid']} held up to {inf['unread_max']} accepted connections whose request "
+        f"it had not read yet, and accepted {inf['busy_accepts']} while holding open ones{others}: requests "
+        "wait inside the worker (its handler blocks), where the accept queue does not show them.",
     }]
+
+
+def _fair_share_port(doc: Mapping[str, Any], port: int) -> Mapping[str, Any] | None:
+    fs = doc.get("fair_share")
+    if not isinstance(fs, Mapping):
+        return None
+    entry = fs.get(str(port))
+    return entry if isinstance(entry, Mapping) else None
+
+
+def _pid_map(raw: Any, where: str, kind: type) -> dict[int, Any]:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"analysis: {where} must be an object")
+    out: dict[int, Any] = {}
+    for k, v in raw.items():
+        if not str(k).isdigit() or isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"analysis: {where} has a bad entry {k!r}: {v!r}")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"analysis: {where}[{k}] must be a finite number >= 0, got {v!r}")
+        out[int(k)] = kind(v)
+    return out
+
+
+def _epochs(entry: Mapping[str, Any]) -> tuple[list[tuple[list[int], int]], int, float]:
+    epochs = []
+    for e in entry.get("epochs") or []:
+        if (not isinstance(e, list | tuple) or len(e) != 2 or not isinstance(e[0], list)
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in e[0])
+                or isinstance(e[1], bool) or not isinstance(e[1], int) or e[1] < 0):
+            raise ValueError(f"analysis: fair_share epoch must be [[pids], transitions], got {e!r}")
+        epochs.append((list(e[0]), e[1]))
+    folded = entry.get("folded") or {}
+    if not isinstance(folded, Mapping):
+        folded = {}
+    fm, fq = folded.get("transitions", 0), folded.get("q_sum", 0.0)
+    if (isinstance(fm, bool) or not isinstance(fm, int) or isinstance(fq, bool)
+            or not isinstance(fq, int | float) or not math.isfinite(fq)):
+        raise ValueError("analysis: fair_share.folded must hold a transition count and a q sum")
+    return epochs, fm, float(fq)
 
 
 def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None) -> dict[str, Any]:
     """Build the snapshot document's "analysis" section (JSON-serializable).
 
-    wait_modes: pid -> WaitMode (or {"mode", "detail"}), e.g. from waitmode.detect_wait_mode; optional.
+    wait_modes: pid -> WaitMode (or {"mode", "detail"}), e.g. from waitmode.detect_wait_modes; optional.
     """
     if not isinstance(doc, Mapping):
         raise ValueError(f"analysis: the snapshot must be an object, got {type(doc).__name__}")
@@ -692,41 +444,29 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
     modes: dict[int, dict[str, str]] = dict(_wait_mode_entry(p, wm) for p, wm in (wait_modes or {}).items())
     mode_names = {p: m["mode"] for p, m in modes.items()}
 
-    # Who competes: alive workers (zero accepts included: they were there and got nothing) plus any
-    # process that did accept (a master that accepts, a worker that has since exited).
+    # Who competes: the workers (roles from evidence, daemon/roles.py), and any process that did
+    # accept (a single-process server, or an export from before roles were evidence-based).
     def competes(pid: int) -> bool:
-        if accepts.get(pid, 0) > 0:
-            return True
-        return alive.get(pid, True) and role.get(pid, "worker") != "master"
+        return pid == 0 or accepts.get(pid, 0) > 0 or role.get(pid, "worker") == "worker"
 
     overall_pids = sorted(p for p in accepts if competes(p))
     flags: list[dict[str, str]] = []
-    fair: dict[str, Any]
-    if overall_pids:
-        fair = fairness([accepts[p] for p in overall_pids])
-    else:
-        # Same keys as fairness(), all undefined: nothing to be fair about yet.
-        fair = {k: None for k in fairness([0])} | {"workers": 0, "accepts": 0}
-    fair["windows"] = {
-        f"{w}s": _window_fairness(history, w, (p for p in overall_pids if alive.get(p, True)))
-        for w in (10, 60)
-    }
 
     # Per-port transitions.
     by_port: dict[int, dict[tuple[int, int], int]] = {}
     for i, t in enumerate(transitions):
         where = f"transitions[{i}]"
         port = _int_field(t, "port", where, minimum=0)
-        prev = _int_field(t, "from", where, minimum=0)
-        cur = _int_field(t, "to", where, minimum=1)
+        key = (_int_field(t, "from", where, minimum=0), _int_field(t, "to", where, minimum=1))
         c = _int_field(t, "count", where, minimum=0)
-        key = (prev, cur)
         by_port.setdefault(port, {})
         by_port[port][key] = by_port[port].get(key, 0) + c
 
     port_pids: dict[int, set[int]] = {}
+    port_holders: dict[int, set[int]] = {}
     port_mode: dict[int, str] = {}
     port_accepts: dict[int, int] = {}
+    port_sockets: dict[int, int] = {}
     for i, lst in enumerate(listeners):
         port = _int_field(lst, "port", f"listeners[{i}]", minimum=0)
         pids = lst.get("pids", [])
@@ -734,8 +474,10 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
             isinstance(p, int) and not isinstance(p, bool) for p in pids
         ):
             raise ValueError(f"analysis: listeners[{i}].pids must be a list of pids")
-        port_pids.setdefault(port, set()).update(p for p in pids if competes(p))
+        port_holders.setdefault(port, set()).update(pids)
+        port_pids.setdefault(port, set()).update(p for p in pids if competes(p) and alive.get(p, True))
         port_mode[port] = str(lst.get("mode", "")) or port_mode.get(port, "")
+        port_sockets[port] = port_sockets.get(port, 0) + 1
         if "accepts" in lst:
             port_accepts[port] = port_accepts.get(port, 0) + _int_field(lst, "accepts", f"listeners[{i}]")
         qd = lst.get("queue_depth") or {}
@@ -745,43 +487,75 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
         if q_max is not None and q_limit is not None:
             _int_field(qd, "max", f"listeners[{i}].queue_depth", minimum=0)
             _int_field(qd, "limit", f"listeners[{i}].queue_depth", minimum=0)
-        # 90 %: the queue is about to overflow (SYNs then get dropped or retried).
-        if q_max is not None and q_limit and q_max >= 0.9 * q_limit:
-            flags.append(
-                {
+            # 90 %: the queue is about to overflow (SYNs then get dropped or retried).
+            if q_limit and q_max >= 0.9 * q_limit:
+                flags.append({
                     "code": "queue_near_limit",
-                    "message": f"port {port}: the listen queue reached {qd['max']} of {qd['limit']}; "
+                    "message": f"port {port}: the listen queue reached {q_max} of {q_limit}; "
                     "new connections may be dropped - workers are not accepting fast enough.",
-                }
-            )
+                })
 
     ports = sorted(set(port_pids) | set(by_port))
     per_port: dict[str, dict[str, Any]] = {}
     port_totals: dict[int, int] = {}
+    overall_expected: dict[int, float] = {}
+    overall_observed: dict[int, int] = {}
+    live_overall: dict[str, Any] | None = None
     for port in ports:
         trans = by_port.get(port)
-        # Workers that hold this port's socket; without listener data, every competing worker.
         candidates = set(port_pids[port]) if port in port_pids else set(overall_pids)
-        if trans:
+        bystanders = len({p for p in port_holders.get(port, set()) if not competes(p) and alive.get(p, True)})
+        common = {"listener_mode": port_mode.get(port), "wait_modes": mode_names,
+                  "sockets": port_sockets.get(port), "bystanders": bystanders}
+        entry = _fair_share_port(doc, port)
+        if entry is not None:
+            observed = _pid_map(entry.get("observed") or {}, f"fair_share[{port}].observed", int)
+            expected = _pid_map(entry.get("expected") or {}, f"fair_share[{port}].expected", float)
+            keep = {p for p in set(observed) | set(expected) if competes(p)}
+            keep |= {p for p in observed if observed[p]}
+            counts = {p: observed.get(p, 0) for p in keep | (candidates - set(expected))}
+            exp = {p: expected.get(p, 0.0) for p in counts}
+            epochs, fm, fq = _epochs(entry)
+            live = entry.get("live_workers") if isinstance(entry.get("live_workers"), Mapping) else None
+            q = self_baseline(counts, exp, epochs, fm, fq)
+            verdict = classify(counts, trans or ({} if trans is not None else None), expected=exp,
+                               self_expected=q, live_workers=live, **common)
+            for p, c in counts.items():
+                overall_observed[p] = overall_observed.get(p, 0) + c
+                overall_expected[p] = overall_expected.get(p, 0.0) + exp.get(p, 0.0)
+            if live and (live_overall is None or (live.get("max") or 0) > (live_overall.get("max") or 0)):
+                live_overall = dict(live)
+        elif trans:
             counts = dict.fromkeys(candidates, 0)
             for (_prev, cur), c in trans.items():
                 counts[cur] = counts.get(cur, 0) + c
-            verdict = classify(counts, trans, listener_mode=port_mode.get(port), wait_modes=mode_names)
+            verdict = classify(counts, trans, **common)
         elif len(ports) == 1:
-            # One port: the worker totals are this port's counts, but without sequence data.
             counts = {p: accepts.get(p, 0) for p in (candidates | {p for p in overall_pids if accepts[p]})}
-            verdict = classify(counts, None, listener_mode=port_mode.get(port), wait_modes=mode_names)
+            verdict = classify(counts, None, **common)
         else:
             counts = {}
-            verdict = Verdict(
-                "not enough data",
-                "low",
-                f"Not enough data: no accept-sequence data for port {port} "
-                f"({port_accepts.get(port, 0)} accepts), and worker totals mix several ports.",
-                {"workers": len(candidates), "accepts": port_accepts.get(port, 0), "sequence": False},
-            )
+            verdict = Verdict("not enough data", "low",
+                              f"Not enough data: no accept-sequence data for port {port} "
+                              f"({port_accepts.get(port, 0)} accepts), and worker totals mix several ports.",
+                              {"workers": len(candidates), "accepts": port_accepts.get(port, 0),
+                               "sequence": False})
         port_totals[port] = sum(counts.values())
         per_port[str(port)] = verdict.to_dict()
+
+    if overall_observed:
+        fair = fairness_vs_expected(overall_observed, overall_expected)
+        fair.pop("ratio_by_pid")
+        fair["fair_share_by_pid"] = {str(p): round(s, 4) for p, s in fair["fair_share_by_pid"].items()}
+    elif overall_pids:
+        fair = fairness([accepts[p] for p in overall_pids])
+    else:
+        fair = {k: None for k in fairness([0])} | {"workers": 0, "accepts": 0}
+    fair["live_workers"] = live_overall or {"min": None, "max": None, "mean": None}
+    fair["windows"] = {
+        f"{w}s": _window_fairness(history, w, (p for p in overall_pids if alive.get(p, True) and p != 0))
+        for w in (10, 60)
+    }
 
     if ports:
         busiest = max(ports, key=lambda p: (port_totals[p], -p))
@@ -793,61 +567,12 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
         overall = classify({p: accepts[p] for p in overall_pids}, None, wait_modes=mode_names).to_dict()
         overall["port"] = None
     else:
-        overall = Verdict(
-            "not enough data", "low", "Not enough data: no workers have been seen yet."
-        ).to_dict()
+        overall = Verdict("not enough data", "low",
+                          "Not enough data: no workers have been seen yet.").to_dict()
         overall["port"] = None
 
-    # Flags: conditions that change how the figures should be read.
-    if overall["pattern"] == "not enough data":
-        flags.append({"code": "not_enough_data", "message": overall["sentence"]})
-    unattributed = doc.get("unattributed", 0) or 0
-    if unattributed:
-        flags.append(
-            {
-                "code": "unattributed",
-                "message": f"{unattributed} accepts could not be attributed: counts are not exact.",
-            }
-        )
-    diag = doc.get("diagnostics") or {}
-    if isinstance(diag, dict) and diag.get("transitions_map_full"):
-        flags.append(
-            {
-                "code": "transitions_incomplete",
-                "message": f"the transition map was full {diag['transitions_map_full']} times: "
-                "the sequence pattern is based on incomplete data.",
-            }
-        )
-    total = sum(accepts[p] for p in overall_pids)
-    idle = [p for p in overall_pids if accepts[p] == 0 and alive.get(p, True)]
-    if idle and total >= min_accepts(len(overall_pids)):
-        flags.append(
-            {
-                "code": "idle_workers",
-                "message": f"{len(idle)} of {len(overall_pids)} workers accepted nothing "
-                f"out of {total} connections.",
-            }
-        )
-    gone = [p for p in overall_pids if not alive.get(p, True)]
-    if gone:
-        flags.append(
-            {
-                "code": "workers_replaced",
-                "message": f"{len(gone)} workers that accepted connections have exited (e.g. max_requests "
-                "recycling): lifetime shares mix workers of different ages.",
-            }
-        )
-    # A master holds the listener but waits for its workers, not for connections; one that sleeps in
-    # select() on a pipe (gunicorn < 27) reads as poll/select in /proc. Its mode is listed, not counted.
-    worker_modes = {p: m for p, m in mode_names.items() if competes(p)}
-    known = {m for m in worker_modes.values() if m != "unknown"}
-    if len(known) > 1:
-        flags.append(
-            {"code": "wait_mode_mixed", "message": f"workers wait differently: {', '.join(sorted(known))}."}
-        )
-
-    flags.extend(_inflight_flags(doc.get("workers") or []))
-
+    flags.extend(_flags(doc, overall, overall_pids, accepts, alive, mode_names, competes))
+    worker_modes = {p: m for p, m in mode_names.items() if competes(p) and role.get(p) != "helper"}
     summary = _Counter(worker_modes.values())
     return {
         "fairness": fair,
@@ -856,7 +581,46 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
         "wait_modes": {
             "by_pid": {str(p): modes[p] for p in sorted(modes)},
             "counts": dict(sorted(summary.items())),
-            "dominant": _dominant_wait_mode(worker_modes, worker_modes) if worker_modes else None,
+            "dominant": dominant_wait_mode(worker_modes, worker_modes) if worker_modes else None,
         },
         "flags": flags,
     }
+
+
+def _flags(doc: Mapping[str, Any], overall: Mapping[str, Any], overall_pids: list[int],
+           accepts: dict[int, int], alive: dict[int, bool], mode_names: dict[int, str],
+           competes: Any) -> list[dict[str, str]]:
+    """Conditions that change how the figures should be read."""
+    flags: list[dict[str, str]] = []
+    if overall["pattern"] == "not enough data":
+        flags.append({"code": "not_enough_data", "message": overall["sentence"]})
+    unattributed = doc.get("unattributed", 0) or 0
+    if unattributed:
+        flags.append({"code": "unattributed",
+                      "message": f"{unattributed} accepts could not be attributed: counts are not exact."})
+    diag = doc.get("diagnostics") or {}
+    if isinstance(diag, dict) and diag.get("transitions_map_full"):
+        flags.append({"code": "transitions_incomplete",
+                      "message": f"the transition map was full {diag['transitions_map_full']} times: "
+                      "the sequence pattern is based on incomplete data."})
+    live = [p for p in overall_pids if alive.get(p, True) and p != 0]
+    total = sum(accepts.get(p, 0) for p in overall_pids)
+    idle = [p for p in live if accepts.get(p, 0) == 0]
+    if idle and total >= min_accepts(len(live)):
+        flags.append({"code": "idle_workers",
+                      "message": f"{len(idle)} of {len(live)} live workers accepted nothing out of {total} "
+                      "connections."})
+    gone = [p for p in overall_pids if not alive.get(p, True)]
+    if gone:
+        flags.append({"code": "workers_replaced",
+                      "message": f"{len(gone)} workers that accepted connections have exited (e.g. "
+                      "max_requests recycling, a reload): each worker's fair share counts only the time "
+                      "it was live."})
+    # A master holds the listener but waits for its workers, not for connections: its mode is listed,
+    # not counted.
+    known = {m for p, m in mode_names.items() if competes(p) and m != "unknown"}
+    if len(known) > 1:
+        flags.append({"code": "wait_mode_mixed",
+                      "message": f"workers wait differently: {', '.join(sorted(known))}."})
+    flags.extend(_inflight_flags(doc.get("workers") or []))
+    return flags

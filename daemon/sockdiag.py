@@ -52,16 +52,28 @@ class Listener:
     inode: int
 
 
-def _request(family: int, seq: int) -> bytes:
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_LISTEN)
+TCP_ESTABLISHED = 1
+TCP_CLOSE_WAIT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    port: int  # local port
+    unread: int  # bytes received and not yet read by the application (idiag_rqueue)
+    inode: int
+
+
+def _request(family: int, seq: int, states: int = 1 << TCP_LISTEN) -> bytes:
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 0, states)
     flags = NLM_F_REQUEST | NLM_F_DUMP
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0)
     return header + body
 
 
-def parse_messages(data: bytes, family_name: str) -> tuple[list[Listener], bool]:
-    """Listeners in one datagram of a dump, and whether the dump ended (NLMSG_DONE)."""
-    out: list[Listener] = []
+def parse_messages(data: bytes, family_name: str) -> tuple[list[Listener | Connection], bool]:
+    """Sockets in one datagram of a dump (LISTEN ones as Listener, others as Connection), and whether
+    the dump ended (NLMSG_DONE)."""
+    out: list[Listener | Connection] = []
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
@@ -84,12 +96,14 @@ def parse_messages(data: bytes, family_name: str) -> tuple[list[Listener], bool]
                 out.append(Listener(family=family_name, address=str(ipaddress.ip_address(raw)),
                                     port=struct.unpack("!H", sport)[0], accept_queue=rqueue,
                                     backlog_limit=wqueue, inode=inode))
+            else:
+                out.append(Connection(port=struct.unpack("!H", sport)[0], unread=rqueue, inode=inode))
         offset += (length + 3) & ~3  # NLMSG_ALIGN
     return out, False
 
 
-def _read_dump(nl: socket.socket, family_name: str) -> list[Listener]:
-    out: list[Listener] = []
+def _read_dump(nl: socket.socket, family_name: str) -> list[Listener | Connection]:
+    out: list[Listener | Connection] = []
     while True:
         try:
             data = nl.recv(65536)
@@ -103,11 +117,22 @@ def _read_dump(nl: socket.socket, family_name: str) -> list[Listener]:
 
 def listeners() -> list[Listener]:
     """Every listening TCP socket (IPv4 and IPv6) in this process's network namespace."""
-    out: list[Listener] = []
+    return [s for s in _dump(1 << TCP_LISTEN) if isinstance(s, Listener)]
+
+
+def connections(ports: set[int]) -> dict[int, int]:
+    """inode -> unread bytes of every established (or peer-closed) TCP socket whose local port is one
+    of `ports`: connections a server accepted, with the request bytes it has not read yet."""
+    states = (1 << TCP_ESTABLISHED) | (1 << TCP_CLOSE_WAIT)
+    return {s.inode: s.unread for s in _dump(states) if isinstance(s, Connection) and s.port in ports}
+
+
+def _dump(states: int) -> list[Listener | Connection]:
+    out: list[Listener | Connection] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(5.0)
         for seq, (family, name) in enumerate(((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")), 1):
-            nl.sendall(_request(family, seq))
+            nl.sendall(_request(family, seq, states))
             try:
                 out.extend(_read_dump(nl, name))
             except SockDiagError as exc:

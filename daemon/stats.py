@@ -77,6 +77,7 @@ class _Worker:
     base: _Raw = field(default_factory=_Raw)  # counts of an earlier process that had this pid
     prev_accepts: int = 0  # own accepts at the previous update (rate deltas)
     first_own_ns: int | None = None  # when base is non-zero: first update that showed own accepts
+    unread_max: int = 0  # most accepted connections seen holding an unread request (daemon/unread.py)
 
     @property
     def accepts(self) -> int:
@@ -197,6 +198,15 @@ class Aggregator:
             if limit == 0:
                 return []
             return list(self._events)[-limit:]
+
+    def note_unread(self, unread: Mapping[int, int]) -> None:
+        """pid -> accepted connections seen with an unread request (daemon/unread.py)."""
+        with self._lock:
+            for pid, n in unread.items():
+                w = self._workers.get(pid)
+                if w is not None and n > w.unread_max:
+                    w.unread_max = n
+                    self._generation += 1
 
     def update(self, snapshot: KernelSnapshot, topology: Topology, depths: Mapping[int, int],
                roles: Mapping[int, str] | None = None, alive: Set[int] | None = None) -> None:
@@ -469,6 +479,7 @@ class Aggregator:
             "max": w.raw.inflight_max,
             "busy_accepts": max(0, w.raw.busy_accepts - w.base.busy_accepts),
             "closed": closed,
+            "unread_max": w.unread_max,
             "life_ms": {
                 "mean": _round(life_sum / closed / 1e6) if closed else None,
                 "max": _round(w.raw.life_max_ns / 1e6) if closed else None,

@@ -119,6 +119,8 @@ def simulate(workers: int = 8, pattern: str = "fifo", seconds: int = 40, rate: i
             dict(trans), {Counter.EVENTS_LOST: lost, Counter.STATS_MAP_FULL: unattributed},
         )
         agg.update(snap, topo, {INODE: rng.randint(0, 3)})
+        if inflight and heavy and pattern == "lifo":
+            agg.note_unread({max(busy, key=lambda p: busy[p]): 3})  # what daemon/unread.py would see
     doc = agg.document(ended=True)
     if not inflight:
         for w in doc["workers"]:
