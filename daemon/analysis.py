@@ -347,18 +347,20 @@ def _check_rate_history(doc: Mapping[str, Any]) -> list[Any]:
     return sorted(history, key=lambda e: e[0])
 
 
-# Requests wait inside a worker when it accepted connections whose request it has not even read
-# (daemon/unread.py: unread bytes on accepted sockets, seen twice 50 ms apart) while it also kept
-# accepting with connections open. Many connections in flight alone is normal for threaded, forking
-# and event-loop servers that serve them in parallel; it is not evidence of waiting.
+# Requests wait inside a worker when it holds accepted connections while its handler is blocked
+# (daemon/blocked.py: every thread blocked in something other than waiting for connections, at two
+# looks 50 ms apart) and it kept accepting with connections open. Many connections in flight alone is
+# normal for threaded, forking and event-loop servers that serve them in parallel: not evidence.
+# Two such samples (one can be chance) and a handful of accepts made while busy.
 INFLIGHT_BUSY_MIN = 3
-UNREAD_MIN = 2
+BLOCKED_SAMPLES_MIN = 2
 
 
 def inflight_flagged(inf: Mapping[str, Any]) -> bool:
     try:
         return (int(inf.get("busy_accepts") or 0) >= INFLIGHT_BUSY_MIN
-                and int(inf.get("unread_max") or 0) >= UNREAD_MIN)
+                and int(inf.get("blocked_samples") or 0) >= BLOCKED_SAMPLES_MIN
+                and int(inf.get("blocked_max") or 0) >= 2)
     except (TypeError, ValueError, OverflowError):
         return False
 
@@ -367,15 +369,16 @@ def _inflight_flags(workers: Iterable[Mapping[str, Any]]) -> list[dict[str, str]
     busy = [w for w in workers if isinstance(w.get("inflight"), Mapping) and inflight_flagged(w["inflight"])]
     if not busy:
         return []
-    busy.sort(key=lambda w: -int(w["inflight"].get("unread_max") or 0))
+    busy.sort(key=lambda w: -int(w["inflight"].get("blocked_max") or 0))
     top = busy[0]
     inf = top["inflight"]
     others = f" (and {len(busy) - 1} more worker(s))" if len(busy) > 1 else ""
     return [{
         "code": "inflight_queueing",
-        "message": f"worker {top['pid']} held up to {inf['unread_max']} accepted connections whose request "
-        f"it had not read yet, and accepted {inf['busy_accepts']} while holding open ones{others}: requests "
-        "wait inside the worker (its handler blocks), where the accept queue does not show them.",
+        "message": f"worker {top['pid']} was seen blocked in its handler while holding up to "
+        f"{inf['blocked_max']} accepted connections ({inf['blocked_samples']} samples), and accepted "
+        f"{inf['busy_accepts']} while holding open ones{others}: requests wait inside the worker, where "
+        "the accept queue does not show them.",
     }]
 
 

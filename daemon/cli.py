@@ -20,6 +20,7 @@ examples:
   sudo accept-watch --pid 4242 --events conns.ndjson    one JSON line per connection
   sudo accept-watch --pid 4242 --probe tracepoint  force the accept syscall tracepoints
   sudo accept-watch --pid 4242 --listen 0.0.0.0:9177  dashboard on all interfaces (token required)
+  sudo accept-watch --pidfile /run/gunicorn.pid     follow the server through restarts
   sudo accept-watch --pid 4242 --dry-run           compile, attach, detach, exit 0
   accept-watch --pid 4242 --print-bpf              print the generated BPF program
   sudo accept-watch doctor                         what this kernel allows, which probe would be used
@@ -78,7 +79,14 @@ def watch_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=pid_number, required=True, help="the server's master process id")
+    p.add_argument("--pid", type=pid_number,
+                   help="the server's master process id (a worker's pid is resolved to its master)")
+    p.add_argument("--pidfile", metavar="FILE",
+                   help="the server's pid file (gunicorn --pid, nginx pid): read for --pid when that is not "
+                        "given, and again when the master exits, so a full restart is followed")
+    p.add_argument("--grace", type=positive_float, default=30.0, metavar="S",
+                   help="after the master exits with nobody holding its sockets, wait S seconds for a "
+                        "successor before stopping (30)")
     p.add_argument("--duration", type=positive_float, help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--export", type=Path, metavar="FILE.json",
                    help="write the JSON document here (atomically, every few seconds and at exit)")
@@ -113,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             from .report import run_report
 
             return run_report(argv[1:])
-        args = watch_parser().parse_args(argv)
+        parser = watch_parser()
+        args = parser.parse_args(argv)
+        if args.pid is None and args.pidfile is None:
+            parser.error("one of --pid or --pidfile is required")
         from .watch import run_watch
 
         return run_watch(args)

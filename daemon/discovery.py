@@ -223,6 +223,17 @@ def read_listen_depths(pid: int, inodes: Iterable[int]) -> dict[int, int]:
 # ---------------------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited worker its master has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(512)
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"")
+
+
 def socket_inodes(pid: int) -> set[int]:
     """Inodes of the sockets in pid's fd table (empty if the process exited meanwhile)."""
     fd_dir = f"/proc/{pid}/fd"

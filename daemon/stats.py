@@ -77,7 +77,8 @@ class _Worker:
     base: _Raw = field(default_factory=_Raw)  # counts of an earlier process that had this pid
     prev_accepts: int = 0  # own accepts at the previous update (rate deltas)
     first_own_ns: int | None = None  # when base is non-zero: first update that showed own accepts
-    unread_max: int = 0  # most accepted connections seen holding an unread request (daemon/unread.py)
+    blocked_samples: int = 0  # samples that caught it blocked in its handler holding connections
+    blocked_max: int = 0  # most connections it held at such a sample (daemon/blocked.py)
 
     @property
     def accepts(self) -> int:
@@ -199,13 +200,14 @@ class Aggregator:
                 return []
             return list(self._events)[-limit:]
 
-    def note_unread(self, unread: Mapping[int, int]) -> None:
-        """pid -> accepted connections seen with an unread request (daemon/unread.py)."""
+    def note_blocked(self, holding: Mapping[int, int]) -> None:
+        """pid -> connections held by a worker seen blocked in its handler (daemon/blocked.py)."""
         with self._lock:
-            for pid, n in unread.items():
+            for pid, n in holding.items():
                 w = self._workers.get(pid)
-                if w is not None and n > w.unread_max:
-                    w.unread_max = n
+                if w is not None:
+                    w.blocked_samples += 1
+                    w.blocked_max = max(w.blocked_max, n)
                     self._generation += 1
 
     def update(self, snapshot: KernelSnapshot, topology: Topology, depths: Mapping[int, int],
@@ -479,7 +481,8 @@ class Aggregator:
             "max": w.raw.inflight_max,
             "busy_accepts": max(0, w.raw.busy_accepts - w.base.busy_accepts),
             "closed": closed,
-            "unread_max": w.unread_max,
+            "blocked_samples": w.blocked_samples,
+            "blocked_max": w.blocked_max,
             "life_ms": {
                 "mean": _round(life_sum / closed / 1e6) if closed else None,
                 "max": _round(w.raw.life_max_ns / 1e6) if closed else None,

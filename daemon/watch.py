@@ -22,8 +22,10 @@ import psutil
 from accept_watch.probes import environment
 from accept_watch.probes.records import AcceptEvent, KernelSnapshot, ProbeKind
 
-from . import analysis, discovery, export, terminal, waitmode
+from . import analysis, discovery, export, follow, terminal, textsafe, waitmode
 from .backstop import Backstop
+from .blocked import blocked_workers
+from .roles import assign_roles
 from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
@@ -32,6 +34,7 @@ EXPORT_EVERY_S = 5.0
 REFRESH_EVERY_S = 10.0
 CHECK_EVERY_S = 2.0
 WAIT_MODE_EVERY_S = 10.0
+BLOCKED_EVERY_S = 1.0
 
 
 class WatchError(Exception):
@@ -60,6 +63,18 @@ def _check_outputs(args: argparse.Namespace) -> None:
             export.check_writable(path)
 
 
+def _target_pid(args: argparse.Namespace) -> int:
+    """--pid, else the pid in --pidfile."""
+    pid = args.pid
+    if pid is None:
+        pid = discovery.read_pidfile(args.pidfile)
+        if pid is None:
+            raise WatchError(f"no process id in {textsafe.printable(args.pidfile)}")
+    if not psutil.pid_exists(pid):
+        raise WatchError(f"no process with pid {pid}")
+    return pid
+
+
 def _select_ports(topology: discovery.Topology, wanted: list[int] | None) -> list[int]:
     ports = sorted({lst.port for lst in topology.listeners})
     if not wanted:
@@ -77,8 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     from accept_watch.probes.kernel import AcceptProbes
     from accept_watch.probes.offsets import load_layout
 
-    if not psutil.pid_exists(args.pid):
-        raise WatchError(f"no process with pid {args.pid}")
+    pid = _target_pid(args)
     _check_outputs(args)
     if args.print_bpf:
         environment.require_btf()
@@ -86,8 +100,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     environment.require_privileges()
     environment.require_btf()
-    topology = discovery.discover(args.pid)
+    master, note = discovery.resolve_master(pid)
+    if note:
+        print(f"accept-watch: {note}", file=sys.stderr)
+    topology = discovery.discover(master)
     ports = _select_ports(topology, args.port)
+    topology = follow.only_ports(topology, set(args.port) if args.port else None)
     environment.ensure_tracing_mounts()
     layout = load_layout(str(environment.BTF_PATH))
 
@@ -116,6 +134,8 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
 
     with AcceptProbes(layout, emit_events=want_events) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
+        if args.port:
+            probes.only_watched_ports(True)
         aggregator.probe, aggregator.probe_detail = result.kind.value, result.detail
         failed = [f"{a.kind}: {a.error}" for a in result.attempts if not a.ok]
         print(f"accept-watch: probe {result.kind} ({result.detail}); compiled in {result.compile_s:.2f} s, "
@@ -139,6 +159,7 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
 
     only = set(args.port) if args.port else None
     aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
+    blocked = BlockedSampler()
     writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
     dashboard = None
     try:
@@ -156,6 +177,10 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
         deadline = time.monotonic() + args.duration if args.duration else None
         next_export = time.monotonic() + EXPORT_EVERY_S
         tree = TreeCheck(topology)
+        follower = follow.Follower(
+            topology, pidfile=args.pidfile, grace_s=args.grace, ports=only,
+            on_new_processes=probes.track, on_new_ports=probes.watch_ports,
+            say=lambda line: print(f"accept-watch: {line}", file=sys.stderr))
         tty = sys.stdout.isatty() and not args.quiet
         while not stop.is_set():
             tick_end = time.monotonic() + args.interval
@@ -167,14 +192,25 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             backstop.check(now)
             aggregator.backstop = backstop.to_doc()
             if tree.due(now, snapshot):
-                topology = _refresh(probes, topology, watch_new_ports=only is None)
-                tree.scanned(now, topology, snapshot)
-            depths = _depths(topology)
-            aggregator.update(_only_ports(snapshot, only), topology, depths or {})
-            if depths is None:
-                print(f"accept-watch: master {topology.master_pid} exited; stopping", file=sys.stderr)
-                break
+                follower.topology = _refresh(probes, follower.topology, only)
+                tree.scanned(now, follower.topology, snapshot)
+            depths = _depths(follower.topology)
+            if depths is None or follower.waiting():
+                # The master is gone: follow whoever carries on serving (or wait for a successor).
+                alive_before = follower.topology
+                if not follower.master_gone(now):
+                    aggregator.update(_only_ports(snapshot, only), alive_before, {},
+                                      **_evidence(snapshot, alive_before, wait_modes))
+                    break
+                if follower.topology is not alive_before:
+                    wait_modes.maybe_sample(follower.topology, force=True)
+                    tree.scanned(now, follower.topology, snapshot)
+                depths = _depths(follower.topology)
+            topology = follower.topology
+            aggregator.update(_only_ports(snapshot, only), topology, depths or {},
+                              **_evidence(snapshot, topology, wait_modes))
             wait_modes.maybe_sample(topology)
+            blocked.maybe_sample(snapshot, aggregator)
             if not args.quiet:
                 _show(aggregator.document(), tty)
             if args.export and now >= next_export:
@@ -185,7 +221,10 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
         # Final read after the loop so nothing counted in the last interval is lost.
         if writer is not None or args.stream:
             probes.poll_events(0)
-        aggregator.update(_only_ports(probes.snapshot(), only), topology, _depths(topology) or {})
+        topology = follower.topology
+        final = probes.snapshot()
+        aggregator.update(_only_ports(final, only), topology, _depths(topology) or {},
+                          **_evidence(final, topology, wait_modes))
         doc = aggregator.document(ended=True)
     except ProbeError:
         # The maps could not be read any more: keep what was measured up to the last good read.
@@ -259,35 +298,79 @@ class TreeCheck:
 
 class WaitModes:
     """How each worker waits for connections (blocking accept, epoll, ...), sampled from /proc every
-    WAIT_MODE_EVERY_S: it changes only when the server's code does, and sampling costs ~80 ms."""
+    WAIT_MODE_EVERY_S (it changes only when the server's code does, and sampling costs ~80 ms), and
+    at once for processes not sampled yet (a respawned worker is a worker from its first wait)."""
 
     def __init__(self, topology: discovery.Topology) -> None:
-        self._modes: dict[int, waitmode.WaitMode] = {}
+        self._raw: dict[int, waitmode.WaitMode] = {}
+        self._ppid: dict[int, int] = {}
         self._next = 0.0
         self.maybe_sample(topology)
 
-    def maybe_sample(self, topology: discovery.Topology) -> None:
+    def maybe_sample(self, topology: discovery.Topology, force: bool = False) -> None:
+        now = time.monotonic()
+        due = force or now >= self._next
+        pids = list(topology.processes) if due else [p for p in topology.processes if p not in self._raw]
+        if not pids:
+            return
+        if due:
+            self._next = now + WAIT_MODE_EVERY_S
+        self._ppid.update({p: info.ppid for p, info in topology.processes.items()})
+        for pid, wm in waitmode.detect_wait_modes(pids, set(_inodes(topology))).items():
+            old = self._raw.get(pid)
+            # A sample taken while a worker is busy may see no wait at all: keep what an earlier
+            # sample established; a wait proven on the listener is kept for good.
+            proven_before = old is not None and old.evidence == "listener"
+            if old is None or wm.evidence == "listener" or (wm.mode != "unknown" and not proven_before):
+                self._raw[pid] = wm
+        for pid in [p for p in self._raw if p not in topology.processes][: max(0, len(self._raw) - 4096)]:
+            del self._raw[pid]  # bounded: exited processes are forgotten first
+            self._ppid.pop(pid, None)
+
+    def current(self) -> dict[int, waitmode.WaitMode]:
+        return waitmode.resolve_accept_mutex(self._raw, self._ppid)
+
+
+def _evidence(snapshot: KernelSnapshot, topology: discovery.Topology,
+              wait_modes: WaitModes) -> dict[str, Any]:
+    """Roles (daemon/roles.py) and liveness for one update of the aggregator."""
+    accepted = {w.pid for w in snapshot.workers if w.accepts > 0}
+    ppids = {p: info.ppid for p, info in topology.processes.items()}
+    roles = assign_roles(ppids, topology.holders, topology.master_pid, accepted, wait_modes.current())
+    candidates = set(topology.processes) | accepted
+    alive = {p for p in candidates if discovery.pid_alive(p)}
+    return {"roles": roles, "alive": alive}
+
+
+class BlockedSampler:
+    """While a worker holds two or more accepted connections, looks (at most every BLOCKED_EVERY_S)
+    whether it is blocked in its handler meanwhile (daemon/blocked.py)."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def maybe_sample(self, snapshot: KernelSnapshot, aggregator: Aggregator) -> None:
         now = time.monotonic()
         if now < self._next:
             return
-        self._next = now + WAIT_MODE_EVERY_S
-        inodes = set(_inodes(topology))
-        found = waitmode.detect_wait_modes(list(topology.processes), inodes)
-        # A sample taken while a worker is busy may see no wait at all: keep what an earlier sample
-        # established rather than forget it.
-        for pid, wm in found.items():
-            if wm.mode != "unknown" or pid not in self._modes:
-                self._modes[pid] = wm
+        holding: dict[int, int] = {}
+        for w in snapshot.workers:
+            holding[w.pid] = holding.get(w.pid, 0) + w.inflight
+        busy = {pid for pid, n in holding.items() if n >= 2}
+        if not busy:
+            return
+        self._next = now + BLOCKED_EVERY_S
+        found = blocked_workers(busy)
+        if found:
+            aggregator.note_blocked({pid: holding[pid] for pid in found})
 
-    def current(self) -> dict[int, waitmode.WaitMode]:
-        return dict(self._modes)
 
-
-def _refresh(probes: Any, topology: discovery.Topology, watch_new_ports: bool) -> discovery.Topology:
+def _refresh(probes: Any, topology: discovery.Topology, only: set[int] | None) -> discovery.Topology:
     """Pick up respawned workers and new listeners. The kernel already follows forks; this catches
     processes adopted in other ways and keeps names and liveness for the views."""
+    watch_new_ports = only is None
     try:
-        fresh = discovery.refresh(topology)
+        fresh = follow.only_ports(discovery.refresh(topology), only)
     except discovery.DiscoveryError:
         return topology  # master gone: keep the last view; its workers show as exited
     new_pids = set(fresh.processes) - set(topology.processes)

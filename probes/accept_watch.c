@@ -357,6 +357,8 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     // inet_sport rather than skc_num, which is already 0 if the peer reset the connection while
     // it waited in the queue (the socket gave its port back).
     u16 lport = __builtin_bswap16(read_u16(sk, OFF_INET_SPORT));
+    if (config_get(CFG_ONLY_WATCHED_PORTS) && !port_watched(lport))
+        return;   // --port: another port of the server, not asked for
 
     u64 wait_ns = 0;
     int wait_known = 0;

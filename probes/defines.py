@@ -17,7 +17,10 @@ class ConfigSlot(enum.IntEnum):
     # counted so it is not counted twice; 0 once it is retired (nothing left for it to catch): the
     # syscall-exit programs then return at once.
     BACKSTOP = 2
-    SLOTS = 3
+    # 1 with --port: accepts on the server's other ports are not counted at all (without it, a port
+    # the server opens between two scans is counted before user space adds it to watched_ports).
+    ONLY_WATCHED_PORTS = 3
+    SLOTS = 4
 
 
 PROBE_KIND_IDS: dict[ProbeKind, int] = {ProbeKind.FEXIT: 1, ProbeKind.KRETPROBE: 2, ProbeKind.TRACEPOINT: 3}

@@ -430,6 +430,10 @@ class AcceptProbes:
         (an int3 left in syscall_exit_to_user_mode_prepare), once in ~50 retirements."""
         self._set_config(defines.ConfigSlot.BACKSTOP, 0)
 
+    def only_watched_ports(self, only: bool) -> None:
+        """--port: count accepts on the watched ports only."""
+        self._set_config(defines.ConfigSlot.ONLY_WATCHED_PORTS, int(only))
+
     def watch_ports(self, ports: Iterable[int]) -> None:
         table = self._bpf[b"watched_ports"]
         for port in ports:

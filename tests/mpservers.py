@@ -43,7 +43,7 @@ from accept_watch.daemon.demo import current_syscall, log_tail, waiting_syscalls
 
 from tests.servers import Record, RecordingServer, spawn_port_reporter
 
-MODES = ("accept", "epoll", "epoll-exclusive", "reuseport", "asyncio")
+MODES = ("accept", "epoll", "epoll-exclusive", "reuseport", "asyncio", "asyncio-blocking")
 
 # Where an idle worker of each mode sits (syscall names; numbers come from demo.waiting_syscalls()).
 _IDLE_SYSCALLS = {
@@ -52,6 +52,7 @@ _IDLE_SYSCALLS = {
     "epoll": frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"}),
     "epoll-exclusive": frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"}),
     "asyncio": frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"}),
+    "asyncio-blocking": frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2"}),
 }
 
 # argv: mode workers work_ms record_dir ready_dir backlog. Prints the port once every socket listens.
@@ -138,14 +139,17 @@ def announce(port):
     sys.stdout.flush()
     os.close(1)
 
-if mode == "asyncio":
+if mode in ("asyncio", "asyncio-blocking"):
     pid, fd = open_record()
 
     async def slow(reader, writer):
         os.write(fd, f"{pid} {time.monotonic_ns()} {writer.get_extra_info('peername')[1]}\n".encode())
         try:
             await reader.readuntil(b"\r\n\r\n")
-            await asyncio.sleep(work_ms / 1000.0)  # busy handler; the loop keeps accepting meanwhile
+            if mode == "asyncio":
+                await asyncio.sleep(work_ms / 1000.0)  # other connections are served meanwhile
+            else:
+                time.sleep(work_ms / 1000.0)  # a blocking call in an async handler: the loop stalls
             writer.write(RESPONSE)
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -219,7 +223,7 @@ class MPServer(RecordingServer):
         return self.proc.pid
 
     def worker_pids(self) -> list[int]:
-        """The processes that accept (the parent itself in asyncio mode), from their ready markers."""
+        """The processes that accept (the parent itself in the asyncio modes), from their ready markers."""
         return sorted(int(p.name) for p in self.ready_dir.iterdir() if p.name.isdigit())
 
     def sequence(self) -> list[int]:
@@ -272,7 +276,7 @@ def start_mp_server(
     wait-mode sample sees them waiting. asyncio mode is one process: `workers` must be 1."""
     if mode not in MODES:
         raise ValueError(f"unknown server mode {mode!r} (known: {', '.join(MODES)})")
-    if workers < 1 or (mode == "asyncio" and workers != 1):
+    if workers < 1 or (mode.startswith("asyncio") and workers != 1):
         raise ValueError(f"{mode} server: bad worker count {workers}")
     if work_ms < 0:
         raise ValueError(f"work_ms must be >= 0, got {work_ms}")

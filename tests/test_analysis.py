@@ -470,10 +470,12 @@ def test_inflight_flag_names_the_worker_that_accepts_while_busy() -> None:
     calm = {"pid": 1, "inflight": {"max": 1, "busy_accepts": 0}}
     keepalive = {"pid": 2, "inflight": {"max": 2, "busy_accepts": 2}}
     # Many in flight, but every request read at once (threads, children, an event loop): not waiting.
-    parallel = {"pid": 5, "inflight": {"max": 40, "busy_accepts": 400, "unread_max": 0}}
-    assert _inflight_flags([calm, keepalive, parallel]) == []
-    busy = {"pid": 3, "inflight": {"max": 9, "busy_accepts": 40, "unread_max": 6}}
+    parallel = {"pid": 5, "inflight": {"max": 40, "busy_accepts": 400, "blocked_samples": 0}}
+    once = {"pid": 6, "inflight": {"max": 4, "busy_accepts": 40, "blocked_samples": 1, "blocked_max": 4}}
+    assert _inflight_flags([calm, keepalive, parallel, once]) == []
+    busy = {"pid": 3, "inflight": {"max": 9, "busy_accepts": 40, "blocked_samples": 3, "blocked_max": 6}}
     (flag,) = _inflight_flags([calm, keepalive, parallel, busy])
     assert flag["code"] == "inflight_queueing"
-    assert "worker 3 held up to 6" in flag["message"] and "accepted 40" in flag["message"]
+    assert "worker 3 was seen blocked" in flag["message"] and "up to 6" in flag["message"]
+    assert "accepted 40" in flag["message"]
     assert _inflight_flags([{"pid": 4}]) == []  # exports without in-flight data

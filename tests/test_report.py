@@ -120,7 +120,7 @@ def simulate(workers: int = 8, pattern: str = "fifo", seconds: int = 40, rate: i
         )
         agg.update(snap, topo, {INODE: rng.randint(0, 3)})
         if inflight and heavy and pattern == "lifo":
-            agg.note_unread({max(busy, key=lambda p: busy[p]): 3})  # what daemon/unread.py would see
+            agg.note_blocked({max(busy, key=lambda p: busy[p]): 3})  # what daemon/blocked.py would see
     doc = agg.document(ended=True)
     if not inflight:
         for w in doc["workers"]:
