@@ -91,6 +91,8 @@ def classify(
     the workers live at each moment (None: sum of squared shares). listener_mode / wait_modes give
     the cause; bystanders: other processes holding the socket that never wait on it.
     """
+    if expected is not None and set(expected) - set(counts):
+        counts = {**dict.fromkeys(expected, 0), **counts}  # owed accepts, got none
     if not counts:
         return Verdict("not enough data", "low",
                        "Not enough data: no worker has been seen accepting or waiting on this port.",
@@ -156,6 +158,9 @@ def classify(
                                           or n > live_max)
     live_note = (f" (fair share counted over the {live_workers['min']}-{live_workers['max']} workers live at "
                  "each moment)") if churn and live_workers else ""
+    # With workers replaced, shares of the whole run mix generations; each worker against what it was
+    # owed while live is the comparable figure.
+    took = f"{min_ratio:.2f}-{max_ratio:.2f}x their fair share" if churn else span(low_share, high_share)
 
     if transitions is None:
         figures["sequence"] = False
@@ -164,7 +169,7 @@ def classify(
                                  live_note=live_note)
         conf = "high" if p_even >= 0.01 else ("medium" if p_even >= ALPHA else "low")
         return verdict("even", conf,
-                       f"Even split: {n} workers took {span(low_share, high_share)} of {total} accepts "
+                       f"Even split: {n} workers took {took} of {total} accepts "
                        f"(Jain {fair['jain']:.3f}, chi-square p={p_even:.2g}){live_note}; no accept-sequence "
                        "data, so round-robin and random cannot be told apart.")
 
@@ -202,7 +207,7 @@ def classify(
         cycle = (f", successors cycle in a fixed order {pct(determinism)} of the time"
                  if determinism >= 0.8 else "")
         return verdict("round-robin", "high" if strong else "medium",
-                       f"Round-robin-like: {n} workers each took {span(low_share, high_share)} "
+                       f"Round-robin-like: {n} workers each took {took} "
                        f"(Jain {fair['jain']:.3f}) of {total} accepts{live_note}; the same worker accepts "
                        f"twice in a row {pct(self_rate)} of the time ({pct(q)} if independent){cycle} - "
                        f"{why('round-robin', cause)}.")
@@ -221,7 +226,7 @@ def classify(
         conf = "medium"
     extra = f"; {', '.join(notes)}" if notes else ""
     return verdict("random", conf,
-                   f"Random-like: {n} workers took {span(low_share, high_share)} of {total} accepts "
+                   f"Random-like: {n} workers took {took} of {total} accepts "
                    f"(chi-square p={p_even:.2g}){live_note} and the next acceptor is independent of the last "
                    f"(same worker {pct(self_rate)}, {pct(q)} expected){extra} - {why('random', cause)}.")
 
