@@ -68,11 +68,11 @@ def _endpoint(lst: dict[str, Any]) -> str:
 
 
 def competing(workers: list[dict[str, Any]]) -> int:
-    """How many processes the accepts should be shared by: those that accepted, plus alive workers
-    (a worker with no accept yet still counts; an idle master does not)."""
-    return sum(
-        1 for w in workers if w.get("accepts", 0) > 0 or (w.get("alive", True) and w.get("role") != "master")
-    )
+    """How many processes the accepts are shared by now: the live workers (roles come from evidence,
+    daemon/roles.py: masters and helpers never compete), or, once none is alive, every worker."""
+    ws = [w for w in workers if w.get("role", "worker") == "worker" or int(w.get("accepts") or 0) > 0]
+    alive = [w for w in ws if w.get("alive", True)]
+    return len(alive) if alive else len(ws)
 
 
 def _bar(share: float, max_share: float, fair: float | None, width: int) -> str:
@@ -137,8 +137,8 @@ def _worker_line(
 ) -> list[Segment]:
     rate = w.get("rate") or {}
     wait = w.get("queue_wait_us") or {}
-    if w.get("role") == "master":
-        state = "master" if w.get("alive", True) else "exited"
+    if w.get("role") in ("master", "helper"):
+        state = str(w.get("role")) if w.get("alive", True) else "exited"
     else:
         state = "alive" if w.get("alive", True) else "exited"
     share = float(w.get("share") or 0.0)
