@@ -62,6 +62,9 @@ class InFlight(_Open):
     max: int = Field(ge=0)
     busy_accepts: int = Field(ge=0, description="accepts made while already holding an open connection")
     closed: int = Field(ge=0)
+    blocked_samples: int = Field(default=0, ge=0, description="samples that caught the worker blocked in "
+                                 "its handler while holding two or more connections")
+    blocked_max: int = Field(default=0, ge=0, description="most connections held at such a sample")
     life_ms: Lifetime = Field(description="accept -> close, in milliseconds")
 
 
@@ -69,7 +72,10 @@ class Worker(_Open):
     pid: int
     ppid: int | None
     cmdline: str
-    role: Literal["worker", "master"]
+    role: Literal["worker", "master", "helper"] = Field(
+        description="from evidence: 'worker' accepted or was seen waiting on a listener; 'master' the "
+        "watched process (or its successor) or a listener holder whose children are workers; 'helper' the rest"
+    )
     accepts: int
     share: float = Field(ge=0, le=1, description="accepts / total_accepts (0 when total is 0)")
     alive: bool
@@ -100,6 +106,31 @@ class Backstop(_Open):
     reason: str | None = Field(default=None, description="why it is kept, when it is")
 
 
+class LiveWorkers(_Open):
+    min: int | None
+    max: int | None
+    mean: float | None = Field(description="time-weighted")
+
+
+class PortShares(_Open):
+    """Per port: what each worker was owed while live and what it got (pid 0: exited workers folded)."""
+
+    expected: dict[str, float]
+    observed: dict[str, int]
+    live_workers: LiveWorkers
+    epochs: list[tuple[list[int], int]] = Field(description="[live pids, consecutive-accept pairs seen]")
+    folded: dict[str, float]
+
+
+class Master(_Open):
+    pid: int
+    cmdline: str
+    first_seen: str
+    exited_at: str | None
+    alive: bool
+    watched: bool = Field(description="accept-watch followed it as the server's master")
+
+
 class StreamedSnapshot(_Open):
     """The document as pushed on /api/stream: everything but `transitions` (the page does not use them)."""
 
@@ -124,6 +155,8 @@ class StreamedSnapshot(_Open):
     rate_history: list[tuple[float, dict[str, int]]] = Field(
         description="[seconds since start, {pid: accepts in that second}], last 300 s"
     )
+    fair_share: dict[str, PortShares] = Field(default_factory=dict, description="per port")
+    masters: list[Master] = Field(default_factory=list, description="every master seen, in order")
     analysis: dict[str, Any]
 
 
