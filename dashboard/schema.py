@@ -74,7 +74,8 @@ class Worker(_Open):
     cmdline: str
     role: Literal["worker", "master", "helper"] = Field(
         description="from evidence: 'worker' accepted or was seen waiting on a listener; 'master' the "
-        "watched process (or its successor) or a listener holder whose children are workers; 'helper' the rest"
+        "watched process (or its successor) or a listener holder whose children are workers; "
+        "'helper' the rest"
     )
     accepts: int
     share: float = Field(ge=0, le=1, description="accepts / total_accepts (0 when total is 0)")
