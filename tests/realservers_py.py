@@ -81,7 +81,9 @@ class GunicornServer:
         os.kill(pid, sig)
         self.events.append((signal.Signals(sig).name, pid))
 
-    def wait_workers(self, master: int, n: int, exclude: Sequence[int] = (), timeout_s: float = 30.0) -> list[int]:
+    def wait_workers(
+        self, master: int, n: int, exclude: Sequence[int] = (), timeout_s: float = 30.0
+    ) -> list[int]:
         """Until `master` has exactly n booted, idle workers and none of `exclude` is alive."""
         def ready() -> bool:
             pids = children(master)
