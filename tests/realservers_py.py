@@ -23,10 +23,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
+from accept_watch.daemon.demo import GunicornProcess, log_tail
 
 from tests.groundtruth import LogRecord
 from tests.realservers import LogServer, _spawn, alive, children, idle, listening_ports, wait_until
-from tests.servers import PIDAPP_ASGI, REPO_ROOT, Record, Server, read_records, start_gunicorn
+from tests.servers import (
+    _READY_HOOK,
+    PIDAPP_ASGI,
+    PIDAPP_WSGI,
+    REPO_ROOT,
+    Record,
+    Server,
+    read_records,
+    start_gunicorn,
+)
+from tests.watcher import free_port
 
 
 def to_log_records(records: Sequence[Record], port: int) -> list[LogRecord]:
@@ -38,8 +49,9 @@ class GunicornServer:
 
     name = "gunicorn"
 
-    def __init__(self, srv: Server, workers: int) -> None:
+    def __init__(self, srv: Server, workers: int, port: int | None = None) -> None:
         self.srv = srv
+        self._port = port  # --reuse-port: the master holds no socket to read it from
         self.workers = workers  # the number the master keeps (TTIN/TTOU change it)
         self.masters = [srv.master_pid]  # every master, in order (USR2 adds one)
         self.events: list[tuple[str, int]] = []  # (what, pid) lifecycle events we caused
@@ -51,11 +63,11 @@ class GunicornServer:
 
     @property
     def ports(self) -> list[int]:
-        return [self.srv.port]
+        return [self.port]
 
     @property
     def port(self) -> int:
-        return self.srv.port
+        return self._port if self._port is not None else self.srv.port
 
     def worker_pids(self) -> list[int]:
         return sorted(p for m in self.masters if alive(m) for p in children(m) if p not in self.masters)
@@ -181,9 +193,56 @@ def start_gunicorn_server(
         raise ValueError(f"unknown gunicorn kind {kind!r}")
     if pidfile is not None:
         extra += ["--pid", str(pidfile)]
+    if reuse_port:
+        return _start_reuse_port(workers, worker_class, extra)
     srv = start_gunicorn(workers=workers, worker_class=worker_class, max_requests=max_requests,
                          reuse_port=reuse_port, extra_args=extra, sleep_ms=sleep_ms)
     return GunicornServer(srv, workers)
+
+
+def _start_reuse_port(workers: int, worker_class: str, extra: list[str]) -> GunicornServer:
+    """gunicorn --reuse-port (>= 23): each worker binds its own SO_REUSEPORT socket and the master holds
+    none, so the port is picked here (free now; another taker makes the start fail: retried twice with
+    a new one)."""
+    last: BaseException | None = None
+    for _ in range(3):
+        try:
+            return _reuse_port_on(free_port(), workers, worker_class, extra)
+        except (RuntimeError, TimeoutError) as exc:
+            if "in use" not in str(exc):
+                raise
+            last = exc
+    raise RuntimeError(f"gunicorn --reuse-port: no free port after 3 tries: {last}")
+
+
+def _reuse_port_on(
+    port: int, workers: int, worker_class: str, extra: list[str], timeout_s: float = 30.0
+) -> GunicornServer:
+    """servers.start_gunicorn's setup (the pid app, the ready hook) with readiness taken from the workers:
+    each listening on the port, idle, past post_worker_init."""
+    gunicorn = GunicornProcess(PIDAPP_ASGI if worker_class == "uvicorn" else PIDAPP_WSGI, workers=workers,
+                               worker_class=worker_class, port=port, reuse_port=True, extra_args=extra,
+                               pythonpath=str(REPO_ROOT))
+    record_dir, ready_dir = gunicorn.workdir / "records", gunicorn.workdir / "ready"
+    record_dir.mkdir()
+    ready_dir.mkdir()
+    gunicorn.config_text = _READY_HOOK.format(ready_dir=str(ready_dir))
+    gunicorn.env.update({"PIDAPP_RECORD_DIR": str(record_dir), "PIDAPP_SLEEP_MS": "0"})
+    try:
+        gunicorn.start()
+
+        def ready() -> bool:
+            if gunicorn.proc is not None and gunicorn.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited during start-up: {log_tail(gunicorn.log_path)}")
+            pids = children(gunicorn.master_pid)
+            return (len(pids) == workers and all((ready_dir / str(p)).exists() for p in pids)
+                    and idle(pids) and all(port in listening_ports(p) for p in pids))
+
+        wait_until(ready, timeout_s, lambda: f"gunicorn --reuse-port: {log_tail(gunicorn.log_path)}")
+    except BaseException:
+        gunicorn.close()
+        raise
+    return GunicornServer(Server(gunicorn, record_dir, ready_dir), workers, port)
 
 
 # -- uvicorn --workers ------------------------------------------------------------------------------
