@@ -182,6 +182,13 @@ class Spread:
         """Every worker within `tolerance` of its fair share among the workers alive at the time."""
         return self.max_fair_ratio <= 1 + tolerance and self.min_fair_ratio >= 1 - tolerance
 
+    def streaky(self, sigmas: float = 4.0) -> bool:
+        """The same worker takes consecutive connections more often than independence among the live
+        workers allows: a run-length concentration the shares alone do not show."""
+        if self.self_rate is None or self.self_expected is None:
+            return False
+        return self.self_rate > self.self_expected + sigmas * self.self_noise + 0.02
+
     def independent_like(self, sigmas: float = 4.0) -> bool:
         """The same-worker rate is within noise of its live-aware independent expectation."""
         if self.self_rate is None or self.self_expected is None:

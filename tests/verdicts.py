@@ -147,8 +147,8 @@ def assert_verdict_matches_log(
     where = f"{v['pattern']} ({v.get('cause')}): {v['sentence']} | log: {s}"
     if s.single_acceptor:
         assert v["pattern"] == "single-acceptor", where
-    if s.even():
-        # Even among the workers alive at the time: never concentration.
+    if s.even() and not s.streaky():
+        # Even among the workers alive at the time, no streaks: never concentration.
         assert v["pattern"] not in ("concentrated", "single-acceptor"), where
     if s.even() and s.independent_like():
         assert v["pattern"] != "concentrated", where
@@ -169,10 +169,11 @@ def assert_verdict_matches_log(
 
 def assert_no_replacement_blame(doc: dict[str, Any], records: list[gt.LogRecord], port: int,
                                 known: gt.Lifetimes | None = None) -> None:
-    """Churn cases: shares even among live workers must not read as concentration."""
+    """Churn cases: shares even among live workers, and no more same-worker repeats than independence
+    among them gives, must not read as concentration."""
     s = gt.spread(gt.on_port(records, port), known)
     v = verdict(doc)
-    if s.even():
+    if s.even() and not s.streaky():
         assert v["pattern"] not in ("concentrated", "single-acceptor"), (v["sentence"], s)
 
 
