@@ -75,6 +75,12 @@ def lifetimes(records: Sequence[LogRecord], known: Lifetimes | None = None) -> d
     return life
 
 
+def always(pids: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """Lifetimes for workers known to be alive over the whole log (steady state), including any that
+    took nothing."""
+    return {pid: (-math.inf, math.inf) for pid in pids}
+
+
 def alive_at(life: Lifetimes, t: float) -> frozenset[int]:
     return frozenset(pid for pid, (lo, hi) in life.items() if lo <= t <= hi)
 
@@ -179,8 +185,10 @@ class Spread:
         return self.n > 0 and self.top_share >= 0.99
 
     def even(self, tolerance: float = 0.35) -> bool:
-        """Every worker within `tolerance` of its fair share among the workers alive at the time."""
-        return self.max_fair_ratio <= 1 + tolerance and self.min_fair_ratio >= 1 - tolerance
+        """Every worker within `tolerance` of its fair share among the workers alive at the time (one
+        worker alone is not a spread at all: False)."""
+        within = self.max_fair_ratio <= 1 + tolerance and self.min_fair_ratio >= 1 - tolerance
+        return self.workers > 1 and within
 
     def streaky(self, sigmas: float = 4.0) -> bool:
         """The same worker takes consecutive connections more often than independence among the live

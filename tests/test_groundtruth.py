@@ -92,3 +92,13 @@ def test_independent_like_accepts_a_random_sequence() -> None:
     rs = recs([rng.choice([1, 2, 3, 4]) for _ in range(400)])
     s = spread(rs)
     assert s.independent_like() and s.even(0.35)
+
+
+def test_always_alive_workers_count_even_when_idle() -> None:
+    from tests.groundtruth import always
+
+    rs = recs([1] * 50)
+    s = spread(rs, always([1, 2, 3, 4]))
+    assert s.workers == 4 and s.single_acceptor and not s.even()
+    assert s.self_expected == pytest.approx(0.25) and s.self_rate == 1.0 and s.streaky()
+    assert not spread(rs).even(), "one worker alone is not an even spread"
