@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,22 @@ class Nginx(LogServer):
         super().__init__(proc, workdir, ports)
         self.workers = workers
         self.conf = workdir / "nginx.conf"
+
+    def logged_workers(self) -> list[int]:
+        """Every worker nginx says it started ("start worker process PID" in its error log, notice level)."""
+        path = self.workdir / "error.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return sorted({int(m) for m in re.findall(r"start worker process (\d+)", text)})
+
+    def worker_pids(self) -> list[int]:
+        """The workers nginx started that are still its children."""
+        kids = set(children(self.master_pid))
+        return [p for p in self.logged_workers() if p in kids]
+
+    def helper_pids(self) -> list[int]:
+        """The master's other children (none without a cache: a cache manager/loader would be one)."""
+        workers = set(self.logged_workers())
+        return [p for p in children(self.master_pid) if p not in workers]
 
     def log_records(self) -> list[LogRecord]:
         # $connection is nginx's connection serial (a counter in shared memory, so global across
