@@ -15,7 +15,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # bpftool: lists loaded programs (tests check nothing of ours stays attached).
 # nginx-light, wrk, bpftrace: the benchmark's server, load generator and ad-hoc comparison.
 # chromium: the dashboard's browser tests (Debian's build; no tool downloads its own browser).
-PKGS=(python3-bpfcc bpftool python3-venv nginx-light wrk bpftrace chromium chromium-driver procps iproute2)
+# apache2: Apache prefork for the real-server verdict tests (run with our own config, never the system one).
+PKGS=(python3-bpfcc bpftool python3-venv nginx-light wrk bpftrace chromium chromium-driver procps iproute2
+  apache2)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,6 +29,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian's nginx package starts a server on :80 at install; we run our own instances.
 systemctl disable --now nginx >/dev/null 2>&1 || true
+# Likewise Debian's apache2 (:80): the tests run the binary with their own config in a temp dir.
+systemctl disable --now apache2 >/dev/null 2>&1 || true
 
 # --- Kernel headers for BCC's run-time compiler ------------------------------------------------
 # BCC compiles the BPF C at run time against kernel headers. Our programs read every kernel struct

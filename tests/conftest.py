@@ -13,6 +13,9 @@ import pytest
 
 STRICT_MARKERS = ("kernel", "browser")
 
+# Shared assertion helpers of the real-server tests: pytest explains their failures too.
+pytest.register_assert_rewrite("tests.verdicts", "tests.groundtruth")
+
 
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))

@@ -43,15 +43,17 @@ class WatchRun:
         return self.stderr_path.read_text()
 
 
-def start_watch(pid: int, tmp: Path, *extra: str, events: bool = False, timeout: float = 60,
+def start_watch(pid: int | None, tmp: Path, *extra: str, events: bool = False, timeout: float = 60,
                 dashboard: str | None = None) -> WatchRun:
     """Start accept-watch on `pid` and return once its probes are attached (and its dashboard
-    serves, when `dashboard` gives HOST:PORT)."""
+    serves, when `dashboard` gives HOST:PORT). pid None: no --pid (the target comes from `extra`,
+    e.g. --pidfile)."""
     export = tmp / "export.json"
     ev_path = tmp / "events.ndjson" if events else None
     stderr_path = tmp / "accept-watch.stderr"
     web = ["--listen", dashboard] if dashboard else ["--no-dashboard"]
-    cmd = [*ACCEPT_WATCH, "--pid", str(pid), "--export", str(export), *web, "--quiet", *extra]
+    target = [] if pid is None else ["--pid", str(pid)]
+    cmd = [*ACCEPT_WATCH, *target, "--export", str(export), *web, "--quiet", *extra]
     if ev_path is not None:
         cmd += ["--events", str(ev_path)]
     with open(stderr_path, "w") as err:

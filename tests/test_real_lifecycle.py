@@ -1,0 +1,236 @@
+"""Issue 10 on real servers through deploys, each step under load: gunicorn --max-requests 50, HUP, TTIN/TTOU,
+SIGKILL of a worker, USR2 then TERM of the old master, and `nginx -s reload`.
+
+Each scenario runs once (module-scoped fixture) and is judged by separate tests: per-pid accepts equal the
+server's own log, exited processes are "alive": false in the final export, replacement alone is never
+called concentration (tests/groundtruth.py judges shares among the workers alive at each connection),
+and the fairness population counts live workers. Graceful steps (HUP, TTIN/TTOU, USR2, TERM, reload) run
+while clients keep connecting; SIGKILL hits an idle worker (a connection inside a killed worker could be
+accepted and never logged, and the counts must stay exact).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import groundtruth as gt
+from tests import verdicts as v
+from tests.conftest import kernel_unavailable_reason
+from tests.realservers import alive, children, start_nginx
+from tests.realservers_py import GunicornServer, start_gunicorn_server
+from tests.watcher import start_watch
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("kernel_ok")]
+
+N = 4
+# gunicorn: each request takes SLEEP_MS and C = 2N clients keep every worker busy, so the server itself
+# spreads evenly (a worker back from a request takes the next queued connection); the premise is checked.
+SLEEP_MS = 3
+C = 2 * N
+
+
+@dataclass
+class Run:
+    doc: dict[str, Any]
+    records: list[gt.LogRecord]
+    port: int
+    exited: set[int]  # processes that exited while accept-watch watched
+    masters: list[int] = field(default_factory=list)
+    max_live: int = N + 1  # the most workers alive at once (+1: a replacement may overlap a moment)
+    even_expected: bool = True  # the server itself spreads evenly (so the no-blame check has teeth)
+    watch_alive_after_master_exit: bool | None = None
+    exit_code: int | None = 0  # accept-watch's, after our SIGINT
+    stderr: str = ""
+    booted: dict[int, int] = field(default_factory=dict)  # gunicorn: worker -> its master
+
+
+def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServer], None]) -> Run:
+    """Watch `srv` from its first master while `steps` run; exited = every process of the server that
+    existed during the run and is gone at its end (accept-watch stopped first: its export was written
+    while the survivors were still running)."""
+    seen: set[int] = set(srv.masters) | set(srv.worker_pids())
+    watch = start_watch(srv.master_pid, tmp)
+    watching: bool | None = None
+    exited: set[int] = set()
+    try:
+        steps(srv)
+        watching = watch.proc.poll() is None
+        time.sleep(0.3)  # a worker recycled by its last request exits just after answering it
+        seen |= set(srv.booted()) | set(srv.masters)
+        exited = {p for p in seen if not alive(p)}  # gone before accept-watch's final export
+    finally:
+        code = watch.stop()
+        srv.close()
+    # The exit code is judged by test_watch_ran_to_the_end: a scenario whose watcher died early still
+    # has its export (written at exit) for the other checks.
+    return Run(watch.document(), srv.records(), srv.port, exited, list(srv.masters),
+               watch_alive_after_master_exit=watching, booted=srv.booted(), exit_code=code,
+               stderr=watch.stderr())
+
+
+def _max_requests(tmp: Path) -> Run:
+    def steps(s: GunicornServer) -> None:
+        v.load(s.port, 400, C)
+
+    return _gunicorn_run(start_gunicorn_server(N, max_requests=50, sleep_ms=SLEEP_MS), tmp, steps)
+
+
+def _hup(tmp: Path) -> Run:
+    def steps(s: GunicornServer) -> None:
+        v.load(s.port, 120, C)
+        bg = v.Background(s.port, 150, C)
+        s.hup()
+        bg.join()
+        v.load(s.port, 120, C)
+
+    run = _gunicorn_run(start_gunicorn_server(N, sleep_ms=SLEEP_MS), tmp, steps)
+    run.max_live = 2 * N  # old and new workers overlap while the old ones finish
+    return run
+
+
+def _ttin_ttou(tmp: Path) -> Run:
+    def steps(s: GunicornServer) -> None:
+        v.load(s.port, 100, C)
+        bg = v.Background(s.port, 100, C)
+        s.ttin()
+        bg.join()
+        v.load(s.port, 100, C)
+        bg = v.Background(s.port, 100, C)
+        s.ttou()
+        bg.join()
+        v.load(s.port, 100, C)
+
+    run = _gunicorn_run(start_gunicorn_server(N, sleep_ms=SLEEP_MS), tmp, steps)
+    run.max_live = N + 2
+    return run
+
+
+def _sigkill(tmp: Path) -> Run:
+    def steps(s: GunicornServer) -> None:
+        v.load(s.port, 150, C)
+        s.kill_worker(children(s.master_pid)[0])
+        v.load(s.port, 150, C)
+
+    return _gunicorn_run(start_gunicorn_server(N, sleep_ms=SLEEP_MS), tmp, steps)
+
+
+def _usr2(tmp: Path) -> Run:
+    def steps(s: GunicornServer) -> None:
+        v.load(s.port, 100, C)
+        bg = v.Background(s.port, 100, C)
+        s.usr2()
+        bg.join()
+        v.load(s.port, 100, C)  # both generations serve
+        bg = v.Background(s.port, 100, C)
+        s.term_old_master()
+        bg.join()
+        v.load(s.port, 150, C)  # the new generation only: accept-watch must still count
+
+    run = _gunicorn_run(start_gunicorn_server(N, sleep_ms=SLEEP_MS), tmp, steps)
+    run.max_live = 2 * N
+    return run
+
+
+def _nginx_reload(tmp: Path) -> Run:
+    srv = start_nginx(N)
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+
+    def action() -> None:
+        v.load(srv.port, 120, 2)
+        bg = v.Background(srv.port, 150, 2)
+        state["new"] = srv.reload()
+        bg.join()
+        v.load(srv.port, 120, 2)
+
+    doc, _ = v.watch_during(srv, tmp, action)
+    # nginx's own spread (EPOLLEXCLUSIVE wake-ups) may be uneven: the verdict is judged against the log.
+    return Run(doc, srv.records(), srv.port, set(first), [srv.master_pid], max_live=2 * N,
+               even_expected=False)
+
+
+SCENARIOS: dict[str, Callable[[Path], Run]] = {
+    "gunicorn-max-requests": _max_requests,
+    "gunicorn-hup": _hup,
+    "gunicorn-ttin-ttou": _ttin_ttou,
+    "gunicorn-sigkill-worker": _sigkill,
+    "gunicorn-usr2-term-old-master": _usr2,
+    "nginx-reload": _nginx_reload,
+}
+
+
+_RUNS: dict[str, Run] = {}
+
+
+def _get(name: str, factory: pytest.TempPathFactory) -> Run:
+    """Each scenario runs once per session, whichever test asks first."""
+    reason = kernel_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if name not in _RUNS:
+        _RUNS[name] = SCENARIOS[name](factory.mktemp(name))
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="module", params=list(SCENARIOS))
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _get(request.param, tmp_path_factory)
+
+
+def test_watch_ran_to_the_end(run: Run) -> None:
+    """accept-watch kept watching through every step and exited 0 on our SIGINT."""
+    assert run.watch_alive_after_master_exit is not False, f"accept-watch stopped early: {run.stderr}"
+    assert run.exit_code == 0, run.stderr
+
+
+def test_counts_exact(run: Run) -> None:
+    v.assert_counts_exact(run.doc, run.records)
+    assert len(gt.per_pid(run.records)) > N, "the premise: workers were replaced during the run"
+
+
+def test_exited_processes_not_alive(run: Run) -> None:
+    assert run.exited, "the premise: some process exited during the run"
+    v.assert_exited_not_alive(run.doc, run.exited)
+
+
+def test_replacement_is_not_concentration(run: Run) -> None:
+    s = gt.spread(gt.on_port(run.records, run.port))
+    if run.even_expected:
+        assert s.even() and not s.streaky(), f"the premise: the log shows an even, streak-free spread: {s}"
+    v.assert_no_replacement_blame(run.doc, run.records, run.port)
+    v.assert_verdict_matches_log(run.doc, run.records, run.port)
+
+
+def test_fairness_counts_live_workers(run: Run) -> None:
+    fair = v.fairness(run.doc)
+    assert "live_workers" in fair, fair
+    lw = fair["live_workers"]
+    assert 1 <= lw["min"] <= lw["mean"] <= lw["max"] <= run.max_live, (lw, run.max_live)
+    # Mostly N workers serve: the live mean is near N, never the number of pids ever seen.
+    assert abs(lw["mean"] - N) <= 1.5, lw
+    workers = {w["pid"] for w in run.doc["workers"] if w["role"] == "worker"}
+    assert set(gt.per_pid(run.records)) <= workers, "every process that accepted is a worker"
+
+
+def test_usr2_then_old_master_exit_is_followed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = _get("gunicorn-usr2-term-old-master", tmp_path_factory)
+    old, new = run.masters
+    assert run.watch_alive_after_master_exit, f"accept-watch stopped when the old master exited: {run.stderr}"
+    r = v.roles(run.doc)
+    # The new master holds the listener and never accepts: not a worker, never in fairness.
+    assert r.get(new) != "worker", r
+    masters = {m["pid"]: m for m in run.doc.get("masters", [])}
+    assert set(masters) >= {old, new}, run.doc.get("masters")
+    assert masters[old]["alive"] is False and masters[new]["alive"] is True, masters
+    # The last 150 connections went to the new generation only: all counted.
+    new_gen = {p for p, m in run.booted.items() if m == new}
+    truth = {p: c for p, c in gt.per_pid(run.records).items() if p in new_gen}
+    assert sum(truth.values()) >= 150, truth
+    exported = {w["pid"]: w["accepts"] for w in run.doc["workers"] if w["pid"] in new_gen and w["accepts"]}
+    assert exported == truth
