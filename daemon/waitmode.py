@@ -298,13 +298,17 @@ def polled_fds(pid: int, syscall: str, args: tuple[int, ...]) -> list[int] | Non
         return None
     if syscall in ("select", "pselect6"):
         nfds, readfds = args[0], args[1]
-        if not 0 < nfds <= FD_SETSIZE or not readfds:
+        if nfds == 0 or not readfds:
+            return []  # select() used as a sleep (Apache's parent between its maintenance rounds)
+        if nfds > FD_SETSIZE:
             return None
         raw = _read_mem(pid, readfds, (nfds + 7) // 8)
         return None if raw is None else fds_in_fd_set(raw, nfds)
     if syscall in ("poll", "ppoll"):
         ptr, nfds = args[0], args[1]
-        if not 0 < nfds <= MAX_POLL_FDS or not ptr:
+        if nfds == 0:
+            return []
+        if nfds > MAX_POLL_FDS or not ptr:
             return None
         raw = _read_mem(pid, ptr, nfds * _POLLFD_SIZE)
         return None if raw is None else fds_in_pollfds(raw)

@@ -52,8 +52,10 @@ NESTED_EPOLL = (
 # epoll on a pipe only: waiting, but not for connections on the listener.
 # gunicorn's arbiter: holds the listener, sleeps in select() on its signal pipe only.
 SELECT_ELSEWHERE = "r, w = os.pipe()\nselect.select([r], [], [])\n"
+SELECT_SLEEP = "select.select([], [], [], 60)\n"  # Apache's parent: select() as a timer
 POLL_ELSEWHERE = "r, w = os.pipe()\np = select.poll()\np.register(r, select.POLLIN)\np.poll()\n"
-EPOLL_ELSEWHERE = "r, w = os.pipe()\nep = select.epoll()\nep.register(r, select.EPOLLIN)\nep.poll()\n"
+ESELECT_SLEEP = "select.select([], [], [], 60)\n"  # Apache's parent: select() as a timer
+POLL_ELSEWHERE = "r, w = os.pipe()\nep = select.epoll()\nep.register(r, select.EPOLLIN)\nep.poll()\n"
 SLEEP = "time.sleep(60)\n"
 BUSY = "while True:\n    pass\n"
 
@@ -149,7 +151,7 @@ def test_poll_and_select(body: str) -> None:
     assert wm.evidence == "listener"
 
 
-@pytest.mark.parametrize("body", [SELECT_ELSEWHERE, POLL_ELSEWHERE])
+@pytest.mark.parametrize("body", [SELECT_ELSEWHERE, POLL_ELSEWHERE, SELECT_SLEEP])
 def test_poll_or_select_on_other_fds_is_not_a_listener_wait(body: str) -> None:
     with child(body, wait_for={NR["pselect6"], NR["select"], NR["poll"]}) as (pid, ino):
         wm = detect_wait_mode(pid, {ino})
