@@ -54,8 +54,7 @@ NESTED_EPOLL = (
 SELECT_ELSEWHERE = "r, w = os.pipe()\nselect.select([r], [], [])\n"
 SELECT_SLEEP = "select.select([], [], [], 60)\n"  # Apache's parent: select() as a timer
 POLL_ELSEWHERE = "r, w = os.pipe()\np = select.poll()\np.register(r, select.POLLIN)\np.poll()\n"
-ESELECT_SLEEP = "select.select([], [], [], 60)\n"  # Apache's parent: select() as a timer
-POLL_ELSEWHERE = "r, w = os.pipe()\nep = select.epoll()\nep.register(r, select.EPOLLIN)\nep.poll()\n"
+EPOLL_ELSEWHERE = "r, w = os.pipe()\nep = select.epoll()\nep.register(r, select.EPOLLIN)\nep.poll()\n"
 SLEEP = "time.sleep(60)\n"
 BUSY = "while True:\n    pass\n"
 
