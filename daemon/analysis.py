@@ -408,14 +408,22 @@ def _pid_map(raw: Any, where: str, kind: type) -> dict[int, Any]:
     return out
 
 
-def _epochs(entry: Mapping[str, Any]) -> tuple[list[tuple[list[int], int]], int, float]:
-    epochs = []
+def _epochs(entry: Mapping[str, Any]) -> tuple[list[tuple[list[int], int, list[float] | None]], int, float]:
+    epochs: list[tuple[list[int], int, list[float] | None]] = []
     for e in entry.get("epochs") or []:
-        if (not isinstance(e, list | tuple) or len(e) != 2 or not isinstance(e[0], list)
+        if (not isinstance(e, list | tuple) or len(e) not in (2, 3) or not isinstance(e[0], list)
                 or not all(isinstance(p, int) and not isinstance(p, bool) for p in e[0])
                 or isinstance(e[1], bool) or not isinstance(e[1], int) or e[1] < 0):
-            raise ValueError(f"analysis: fair_share epoch must be [[pids], transitions], got {e!r}")
-        epochs.append((list(e[0]), e[1]))
+            raise ValueError(f"analysis: fair_share epoch must be [[pids], transitions, [weights]]: {e!r}")
+        weights = None
+        if len(e) == 3:
+            w = e[2]
+            if (not isinstance(w, list) or len(w) != len(e[0]) or not all(
+                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= 1
+                    for x in w)):
+                raise ValueError(f"analysis: fair_share epoch weights must be in (0, 1], got {w!r}")
+            weights = [float(x) for x in w]
+        epochs.append((list(e[0]), e[1], weights))
     folded = entry.get("folded") or {}
     if not isinstance(folded, Mapping):
         folded = {}

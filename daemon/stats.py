@@ -289,14 +289,18 @@ class Aggregator:
 
     def _apply_shares(self, snapshot: KernelSnapshot, topology: Topology, now: int) -> None:
         accepts: dict[tuple[int, int], int] = {}
+        spans: dict[int, tuple[int, int]] = {}
         for wc in snapshot.workers:
             accepts[(wc.pid, wc.port)] = accepts.get((wc.pid, wc.port), 0) + wc.accepts
+            if wc.accepts:
+                first, last = spans.get(wc.pid, (wc.first_ns, wc.last_ns))
+                spans[wc.pid] = (min(first, wc.first_ns), max(last, wc.last_ns))
         by_port: dict[int, set[int]] = {}
         for lst in topology.listeners:
             by_port.setdefault(lst.port, set()).update(
                 p for p in lst.pids if p in self._workers and self._workers[p].role == "worker")
         alive = {pid for pid, w in self._workers.items() if w.alive}
-        self._shares.update(accepts, snapshot.transitions, by_port, alive, now)
+        self._shares.update(accepts, snapshot.transitions, by_port, alive, now, spans)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():

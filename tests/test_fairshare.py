@@ -55,7 +55,8 @@ def churn_run(choose, *, workers: int = 4, per_worker: int = 50, generations: in
 
 def verdict_of(tracker: ShareTracker, counts, pairs):
     ps = tracker.ports[PORT]
-    q = self_baseline(counts, ps.expected, ps.epochs.items(), ps.folded_transitions, ps.folded_q)
+    epochs = [([p for p, _ in k], m, [f for _, f in k]) for k, m in ps.epochs.items()]
+    q = self_baseline(counts, ps.expected, epochs, ps.folded_transitions, ps.folded_q)
     live = ps.to_doc()["live_workers"]
     return classify(counts, pairs, expected=ps.expected, self_expected=q, live_workers=live,
                     listener_mode="shared", wait_modes={p: "poll/select" for p in counts})
@@ -130,7 +131,7 @@ def test_live_set_needs_both_ends_of_the_interval() -> None:
 def test_folding_keeps_totals_and_bounds_epochs() -> None:
     ps = PortShares()
     for i in range(1, 401):
-        ps.add_interval([i, i + 1], {i: 1, i + 1: 1}, 1, 1.0)
+        ps.add_interval({i: 1.0, i + 1: 1.0}, {i: 1, i + 1: 1}, 1, 1.0)
     assert len(ps.epochs) <= 256
     assert ps.folded_transitions + sum(ps.epochs.values()) == 400
     owed_before = sum(ps.expected.values())
@@ -139,3 +140,20 @@ def test_folding_keeps_totals_and_bounds_epochs() -> None:
     assert sum(ps.observed.values()) == 800 and ps.observed[0] == 599
     assert sum(ps.expected.values()) == pytest.approx(owed_before)
     assert len(ps.expected) == 102  # 301..401 and the folded entry
+
+
+def test_generations_within_one_interval_count_as_the_workers_live_at_a_time() -> None:
+    """max-requests: four old workers serve their last requests, exit, four new ones take over, all
+    inside one read interval. Presence from the accept times keeps the live count at four, not eight."""
+    t = ShareTracker(0)
+    old, new = [1, 2, 3, 4], [5, 6, 7, 8]
+    t.update({(p, PORT): 10 for p in old}, {}, {PORT: old}, old, 1_000_000_000)
+    accepts = {(p, PORT): 15 for p in old} | {(p, PORT): 5 for p in new}
+    spans = {p: (0, 1_500_000_000) for p in old} | {p: (1_500_000_000, 1_990_000_000) for p in new}
+    t.update(accepts, {}, {PORT: new}, new, 2_000_000_000, spans)
+    doc = t.ports[PORT].to_doc()
+    assert doc["live_workers"]["max"] == 4
+    exp = t.ports[PORT].expected
+    assert exp[1] == pytest.approx(40 / 4 + 40 * 0.5 / 4)  # whole first interval, half the second
+    assert self_baseline({p: 1 for p in old + new}, {p: 1.0 for p in old + new},
+                         [(old + new, 10, [0.5] * 4 + [0.5] * 4)]) == pytest.approx(0.25)
