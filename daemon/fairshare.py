@@ -64,7 +64,7 @@ class PortShares:
         n = max(1, round(weight))
         self.live_min = n if self.live_min is None else min(self.live_min, n)
         self.live_max = n if self.live_max is None else max(self.live_max, n)
-        self.live_time += weight * seconds
+        self.live_time += n * seconds
         self.time += seconds
         if transitions > 0:
             key = _presence_key(present)

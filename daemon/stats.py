@@ -297,8 +297,14 @@ class Aggregator:
                 spans[wc.pid] = (min(first, wc.first_ns), max(last, wc.last_ns))
         by_port: dict[int, set[int]] = {}
         for lst in topology.listeners:
-            by_port.setdefault(lst.port, set()).update(
-                p for p in lst.pids if p in self._workers and self._workers[p].role == "worker")
+            by_port.setdefault(lst.port, set()).update(lst.pids)
+        # A worker forked since the last scan of the tree is not in it yet; having accepted on a port,
+        # it holds that port's listener.
+        for (pid, port), c in accepts.items():
+            if c > 0:
+                by_port.setdefault(port, set()).add(pid)
+        for port, pids in by_port.items():
+            by_port[port] = {p for p in pids if p in self._workers and self._workers[p].role == "worker"}
         alive = {pid for pid, w in self._workers.items() if w.alive}
         self._shares.update(accepts, snapshot.transitions, by_port, alive, now, spans)
 
@@ -326,9 +332,11 @@ class Aggregator:
                 w.role = self._roles[pid]
             if not w.alive:
                 continue
-            if pid in topology.processes:
+            if pid in topology.processes or self._alive_now is not None:
+                # alive_now covers the tree and every process the kernel saw accept: it is checked
+                # at every update, the tree only at scans.
                 if self._alive_now is not None and pid not in self._alive_now:
-                    w.alive = False  # gone since the last scan of the tree
+                    w.alive = False
                     w.exited_ns = now
                 continue
             if not w.discovered:
