@@ -770,7 +770,18 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
         elif len(ports) == 1:
             # One port: the worker totals are this port's counts, but without sequence data.
             counts = {p: accepts.get(p, 0) for p in (candidates | {p for p in overall_pids if accepts[p]})}
-            verdict = classify(counts, None, listener_mode=port_mode.get(port), wait_modes=mode_names)
+            if counts:
+                verdict = classify(counts, None, listener_mode=port_mode.get(port), wait_modes=mode_names)
+            else:
+                # Only a master holds the socket and it has accepted nothing yet (a single-process
+                # server before its first connection): nothing to compare, which is not an error.
+                verdict = Verdict(
+                    "not enough data", "low",
+                    f"Not enough data: no process has accepted a connection on port {port} yet, so there "
+                    "is no split between workers to judge (a single-process server shows up once it "
+                    "accepts).",
+                    {"workers": 0, "accepts": 0, "sequence": False},
+                )
         else:
             counts = {}
             verdict = Verdict(

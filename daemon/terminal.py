@@ -10,6 +10,7 @@ import textwrap
 from typing import Any
 
 from .analysis import inflight_flagged
+from .sanitize import clean_doc
 
 _STYLES = {
     "bold": "\x1b[1m", "loud": "\x1b[1;97;41m", "dim": "\x1b[2m", "yellow": "\x1b[33m", "red": "\x1b[31m",
@@ -157,6 +158,7 @@ def _worker_line(
 
 def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: bool = False) -> str:
     """The live table. Shows the max_workers busiest processes (in pid order) and counts the rest."""
+    doc = _safe(doc)
     width = max(40, width)
     lines = [_emit(_header(doc), width, ansi)]
     listeners = doc.get("listeners") or []
@@ -194,6 +196,12 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
     return "\n".join(lines)
 
 
+def _safe(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every string the table may show, sanitized (argv comes from the traced server's owner); the two
+    long sequences it never shows are left out rather than copied."""
+    return clean_doc({k: v for k, v in doc.items() if k not in ("transitions", "rate_history")})
+
+
 def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
     """The analysis under the table: verdict, how workers wait, in-worker queueing, flags."""
     analysis = doc.get("analysis") or {}
@@ -222,6 +230,7 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
 
 def summary_line(doc: dict[str, Any]) -> str:
     """One plain line for logs and pipes (no table)."""
+    doc = _safe(doc)
     workers = doc.get("workers") or []
     total = int(doc.get("total_accepts") or 0)
     n = competing(workers)
