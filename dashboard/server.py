@@ -53,6 +53,7 @@ class DashboardServer:
         *,
         stream_interval: float = 1.0,
         log_level: str = "warning",
+        limits: ConnectionLimits | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise DashboardError(f"dashboard port must be 0..65535, got {port}")
@@ -70,6 +71,7 @@ class DashboardServer:
         self._requested_port = port
         self._stream_interval = stream_interval
         self._log_level = log_level
+        self._limits = limits
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -146,7 +148,7 @@ class DashboardServer:
         sock = self._sock
         assert sock is not None
         address, port = sock.getsockname()[:2]
-        limits = ConnectionLimits()
+        limits = self._limits or ConnectionLimits()
         app = create_app(
             self.source,
             token=self.token,
