@@ -72,7 +72,8 @@ def competing(workers: list[dict[str, Any]]) -> int:
     """How many processes the accepts should be shared by: those that accepted, plus alive workers
     (a worker with no accept yet still counts; an idle master does not)."""
     return sum(
-        1 for w in workers if w.get("accepts", 0) > 0 or (w.get("alive", True) and w.get("role") != "master")
+        1 for w in workers
+        if (w.get("accepts") or 0) > 0 or (w.get("alive", True) and w.get("role") != "master")
     )
 
 
@@ -144,7 +145,7 @@ def _worker_line(
         state = "alive" if w.get("alive", True) else "exited"
     share = float(w.get("share") or 0.0)
     text = cols.format(
-        pid=w.get("pid"),
+        pid=str(w.get("pid", "-")),
         accepts=f"{int(w.get('accepts') or 0):,}",
         share=f"{share * 100:.1f}%",
         bar=_bar(share, max_share, fair, bar_w),
@@ -199,7 +200,12 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
 def _safe(doc: dict[str, Any]) -> dict[str, Any]:
     """Every string the table may show, sanitized (argv comes from the traced server's owner); the two
     long sequences it never shows are left out rather than copied."""
-    return clean_doc({k: v for k, v in doc.items() if k not in ("transitions", "rate_history")})
+    safe = clean_doc({k: v for k, v in doc.items() if k not in ("transitions", "rate_history")})
+    # Any field may be null where unknown: entries that are not objects are dropped, not crashed on.
+    for key in ("workers", "listeners"):
+        items = safe.get(key)
+        safe[key] = [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+    return safe
 
 
 def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
@@ -220,9 +226,9 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
     workers = doc.get("workers") or []
     busy = [w for w in workers if inflight_flagged(w.get("inflight") or {})]
     if busy:
-        top = max(busy, key=lambda w: w["inflight"]["max"])
+        top = max(busy, key=lambda w: w["inflight"].get("max") or 0)
         out.append((f"  in-flight: {len(busy)} worker(s) accepted while holding open connections "
-                    f"(pid {top['pid']} held up to {top['inflight']['max']})", "yellow"))
+                    f"(pid {top.get('pid')} held up to {top['inflight'].get('max')})", "yellow"))
     for flag in analysis.get("flags") or []:
         out.append((f"  ! {flag.get('message', flag)}", "yellow"))
     return out

@@ -5,8 +5,9 @@ sockets locked everyone out, /healthz included. Instead:
 - a connection must deliver a complete request head within HEADER_TIMEOUT_S (first request and every
   keep-alive one after it), or it is closed;
 - connections still waiting for a request head are capped per client address and in total; a new
-  connection beyond a cap closes the *oldest* waiting one, so a slow client only ever displaces its
-  own (or the stalest) sockets and a real request always gets through;
+  connection beyond a cap closes the *oldest* waiting one (if it has waited EVICT_AFTER_S already:
+  a burst of fresh connections is not a slow client), so slow sockets only ever displace their own
+  kind and a real request always gets through;
 - at most MAX_CONNECTIONS open connections: beyond it the oldest waiting one goes, or the new one;
 - Server-Sent Events streams (the only long-lived responses) are capped in total (503) and per client
   (429): only a *new* stream is refused, every other route keeps working.
@@ -23,7 +24,8 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 10.0
-MAX_CONNECTIONS = 256
+EVICT_AFTER_S = 0.5
+MAX_CONNECTIONS = 512
 MAX_WAITING = 128
 MAX_WAITING_PER_CLIENT = 16
 MAX_STREAMS = 32
@@ -73,28 +75,41 @@ class ConnectionLimits:
         self.max_waiting_per_client = max_waiting_per_client
         self.streams = StreamSlots()
         self.connections: set[Any] = set()
-        self.waiting: OrderedDict[Any, str] = OrderedDict()  # oldest first
+        self.waiting: OrderedDict[Any, tuple[str, float]] = OrderedDict()  # oldest first
         self.evicted = 0
+
+    def wait(self, conn: Any, now: float) -> None:
+        self.waiting[conn] = (conn.client_host, now)
+        self.waiting.move_to_end(conn)
+
+    def _oldest(self, now: float, host: str | None = None, min_age: float = EVICT_AFTER_S) -> Any:
+        for c, (h, since) in self.waiting.items():
+            if now - since < min_age:
+                return None  # in order: every later one is younger still
+            if host is None or h == host:
+                return c
+        return None
 
     def _evict(self, conn: Any) -> None:
         self.waiting.pop(conn, None)
         self.evicted += 1
         conn.transport.close()
 
-    def opened(self, conn: Any) -> bool:
+    def opened(self, conn: Any, now: float) -> bool:
         """Register a new connection (already waiting for its head); False: close it at once."""
         self.connections.add(conn)
-        self.waiting[conn] = conn.client_host
-        mine = [c for c, host in self.waiting.items() if host == conn.client_host and c is not conn]
-        if len(mine) >= self.max_waiting_per_client:
-            self._evict(mine[0])
-        if len(self.waiting) > self.max_waiting:
-            self._evict(next(c for c in self.waiting if c is not conn))
+        host = conn.client_host
+        mine = sum(1 for h, _ in self.waiting.values() if h == host)
+        self.wait(conn, now)
+        if mine >= self.max_waiting_per_client and (old := self._oldest(now, host)) is not None:
+            self._evict(old)
+        if len(self.waiting) > self.max_waiting and (old := self._oldest(now)) is not None:
+            self._evict(old)
         if len(self.connections) > self.max_connections:
-            oldest = next((c for c in self.waiting if c is not conn), None)
-            if oldest is None:
+            old = self._oldest(now, min_age=0.0)
+            if old is None or old is conn:
                 return False
-            self._evict(oldest)
+            self._evict(old)
         return True
 
     def closed(self, conn: Any) -> None:
@@ -114,7 +129,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             super().connection_made(transport)
             self.client_host = self.client[0] if self.client else "?"
             self._arm()
-            if not limits.opened(self):
+            if not limits.opened(self, self.loop.time()):
                 self._disarm()
                 transport.close()
 
@@ -133,7 +148,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 return
             if self.cycle is self._seen_cycle:  # idle keep-alive: the next head has a deadline too
                 self._arm()
-                limits.waiting[self] = self.client_host
+                limits.wait(self, self.loop.time())
             else:
                 self._head_seen()  # a pipelined request was already parsed
 

@@ -85,7 +85,7 @@ def mutated(draw: st.DrawFn) -> dict[str, Any]:
             for key in path[:-1]:
                 parent = parent[key]
             last = path[-1]
-            parent[last]  # noqa: B018 - the path may be gone after an earlier mutation
+            parent[last]
         except (KeyError, IndexError, TypeError):
             continue
         action = draw(st.sampled_from(["replace", "replace", "replace", "delete", "extra"]))
