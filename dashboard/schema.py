@@ -19,9 +19,11 @@ class _Open(BaseModel):
 
 
 class QueueDepth(_Open):
-    current: int = Field(description="listener accept-queue length after the latest accept")
-    max: int = Field(description="highest accept-queue length seen since attach")
-    limit: int = Field(description="the listener's backlog limit (sk_max_ack_backlog)")
+    # Null until the listener has accepted once (the kernel reports them at accept time).
+    current: int | None = Field(description="listener accept-queue length after the latest accept")
+    max: int | None = Field(description="highest accept-queue length seen since attach")
+    limit: int | None = Field(description="the listener's backlog limit (sk_max_ack_backlog); null until "
+                              "the first accept")
 
 
 class Listener(_Open):
@@ -100,6 +102,12 @@ class Backstop(_Open):
     reason: str | None = Field(default=None, description="why it is kept, when it is")
 
 
+class ExportErrors(_Open):
+    count: int = Field(ge=0, description="failed writes of the --export file so far (each retried)")
+    last_error: str | None
+    last_at: str | None
+
+
 class StreamedSnapshot(_Open):
     """The document as pushed on /api/stream: everything but `transitions` (the page does not use them)."""
 
@@ -110,6 +118,7 @@ class StreamedSnapshot(_Open):
     probe: Literal["tracepoint", "kretprobe", "fexit"]
     probe_detail: str
     backstop: Backstop | None = Field(default=None, description="null until the probes are attached")
+    export_errors: ExportErrors | None = Field(default=None, description="null until an --export write fails")
     kernel: str
     started_at: str
     updated_at: str
