@@ -342,6 +342,7 @@ def test_dashboard_under_a_flood_still_answers_and_counts_stay_exact(tmp_path: P
             flood.thread.join(10)
             rc = run.stop()
         assert rc == 0, run.stderr()
+        print(f"worst latency under the flood: {worst}; slow clients dropped and re-opened: {flood.reopened}")
         assert all(t < 1.0 for t in worst.values()), worst
         assert flood.reopened >= 150, flood.reopened  # the server did drop the slow clients
         result = clients["r"]
