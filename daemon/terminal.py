@@ -229,6 +229,11 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
         top = max(busy, key=lambda w: w["inflight"].get("max") or 0)
         out.append((f"  in-flight: {len(busy)} worker(s) accepted while holding open connections "
                     f"(pid {top.get('pid')} held up to {top['inflight'].get('max')})", "yellow"))
+    errors = doc.get("export_errors") or {}
+    if isinstance(errors, dict) and (errors.get("count") or 0) > 0:
+        # The stderr warning is wiped by the next redraw of the live view: keep the failure on screen.
+        out.append((f"  ! export: {errors['count']} write(s) failed, retried every 5 s; last: "
+                    f"{errors.get('last_error')}", "red"))
     for flag in analysis.get("flags") or []:
         out.append((f"  ! {flag.get('message', flag)}", "yellow"))
     return out

@@ -212,3 +212,12 @@ def test_many_connections_evict_the_oldest_waiting_ones(n: int) -> None:
         for s in socks:
             s.close()
         server.stop()
+
+
+def test_the_live_view_keeps_export_failures_on_screen() -> None:
+    doc = copy.deepcopy(REAL)
+    assert "export:" not in terminal.render(doc, width=160)
+    doc["export_errors"] = {"count": 2, "last_error": "cannot write export to /x: no space left on device",
+                            "last_at": "2026-12-01T04:00:00+00:00"}
+    assert "! export: 2 write(s) failed, retried every 5 s; last: cannot write export to /x: no space" in \
+        terminal.render(doc, width=160)
