@@ -151,13 +151,22 @@ def parse_ss_listeners(text: str, family: str) -> list[TcpRow]:
     return rows
 
 
+
+def _denied(what: str) -> str:
+    """'access denied ...' with the likely cause: as root, asking for root would be no help."""
+    if os.geteuid() != 0:
+        return f"access denied {what} (run as root)"
+    return (f"access denied {what} although running as root: the kernel refuses it (the process is in "
+            "another user namespace or container, or this process lacks CAP_SYS_PTRACE, or an LSM/Yama "
+            "policy forbids it)")
+
 def _same_netns(pid: int) -> bool:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
     except FileNotFoundError:
         raise DiscoveryError(f"no process with pid {pid}") from None
     except PermissionError:
-        raise DiscoveryError(f"access denied reading /proc/{pid}/ns/net (run as root)") from None
+        raise DiscoveryError(_denied(f"reading /proc/{pid}/ns/net")) from None
 
 
 def _read_listen_rows(pid: int) -> list[TcpRow]:
@@ -203,7 +212,7 @@ def _read_listen_rows_proc(pid: int) -> list[TcpRow]:
                 raise DiscoveryError(f"no process with pid {pid}") from None
             continue  # tcp6 is absent when IPv6 is disabled
         except PermissionError:
-            raise DiscoveryError(f"access denied reading {path} (run as root)") from None
+            raise DiscoveryError(_denied(f"reading {path}")) from None
         except ProcessLookupError:
             raise DiscoveryError(f"no process with pid {pid}") from None
         rows.extend(r for r in parse_proc_net_tcp(text, family) if r.state == TCP_LISTEN)
@@ -242,7 +251,7 @@ def socket_inodes(pid: int) -> set[int]:
     except (FileNotFoundError, ProcessLookupError):
         return set()
     except PermissionError:
-        raise DiscoveryError(f"access denied reading {fd_dir} (run as root)") from None
+        raise DiscoveryError(_denied(f"reading {fd_dir}")) from None
     out: set[int] = set()
     for name in names:
         try:
@@ -250,7 +259,7 @@ def socket_inodes(pid: int) -> set[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue  # fd closed (or process gone) while we were listing
         except PermissionError:
-            raise DiscoveryError(f"access denied reading {fd_dir} (run as root)") from None
+            raise DiscoveryError(_denied(f"reading {fd_dir}")) from None
         if target.startswith("socket:["):
             out.add(int(target[8:-1]))
     return out
@@ -278,7 +287,7 @@ def lookup_process(pid: int) -> ProcessInfo | None:
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:
-        raise DiscoveryError(f"access denied to pid {pid} (run as root)") from None
+        raise DiscoveryError(_denied(f"to pid {pid}")) from None
 
 
 def _structural_roles(processes: dict[int, ProcessInfo], listeners: list[Listener]) -> dict[int, ProcessInfo]:
@@ -303,7 +312,7 @@ def _processes(master_pid: int) -> dict[int, ProcessInfo]:
     except psutil.NoSuchProcess:
         raise DiscoveryError(f"no process with pid {master_pid}") from None
     except psutil.AccessDenied:
-        raise DiscoveryError(f"access denied to pid {master_pid} (run as root)") from None
+        raise DiscoveryError(_denied(f"to pid {master_pid}")) from None
     for child in children:
         try:
             # A zombie is a worker that exited and has not been reaped yet: it accepts nothing.
@@ -313,7 +322,7 @@ def _processes(master_pid: int) -> dict[int, ProcessInfo]:
         except psutil.NoSuchProcess:
             continue  # a worker exiting right now (e.g. --max-requests): the next refresh settles it
         except psutil.AccessDenied:
-            raise DiscoveryError(f"access denied to pid {child.pid} (run as root)") from None
+            raise DiscoveryError(_denied(f"to pid {child.pid}")) from None
     return procs
 
 

@@ -17,6 +17,8 @@ from accept_watch.probes import environment
 from accept_watch.probes.environment import Check
 from accept_watch.probes.records import PROBE_ORDER
 
+from .sanitize import clean
+
 
 def _config_flag(cfg: dict[str, str], name: str) -> Check:
     if not cfg:
@@ -97,7 +99,7 @@ def run_doctor(argv: list[str]) -> int:
     else:
         for c in checks:
             mark = {True: "ok  ", False: "FAIL", None: "info"}[c.ok]
-            print(f"[{mark}] {c.name:<22} {c.detail}")
+            print(f"[{mark}] {c.name:<22} {clean(c.detail)}")
     usable = any(c.name == "auto would use" and c.ok for c in checks)
     if not usable:
         print("accept-watch doctor: no probe can be attached here", file=sys.stderr)

@@ -7,77 +7,32 @@ import dataclasses
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from accept_watch.probes.records import AcceptEvent
 
+from . import safefile
 from .clock import ClockMap
+from .safefile import ExportError, open_events_file
+from .safefile import reason as _reason
 
 _FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
-class ExportError(Exception):
-    """One-line reason why an output file cannot be written."""
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror.lower() if exc.strerror else str(exc)
-
-
 def check_writable(path: str | os.PathLike[str], what: str = "export") -> None:
-    """Refuse an output path up front (before any probe is attached), by actually creating a file
-    next to it: permission bits alone say nothing about read-only mounts or /proc."""
-    p = Path(path)
-    prefix = f"cannot write {what} to {p}"
-    if p.is_dir():
-        raise ExportError(f"{prefix}: it is a directory")
-    parent = p.parent
-    if not parent.exists():
-        # An ancestor that is a regular file also makes the parent "not exist": say which.
-        blocker = next((a for a in parent.parents if a.exists() and not a.is_dir()), None)
-        if blocker is not None:
-            raise ExportError(f"{prefix}: {blocker} is not a directory")
-        raise ExportError(f"{prefix}: directory does not exist")
-    if not parent.is_dir():
-        raise ExportError(f"{prefix}: {parent} is not a directory")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise ExportError(f"{prefix}: permission denied")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".check")
-    except OSError as exc:
-        raise ExportError(f"{prefix}: {_reason(exc)}") from None
-    os.close(fd)
-    os.unlink(probe)
+    """Refuse an output path up front (before any probe is attached): see daemon/safefile.py."""
+    safefile.check_output(path, what)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Readers (a dashboard, a CI job) never see a half-written file: temp file in the same
-    directory, fsync, rename. Raises OSError; callers turn it into their one-line error."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; exports and reports are meant to be shared
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_text_atomic(path: str | os.PathLike[str], text: str, what: str = "export") -> None:
+    """Temp file, fsync, rename, with the target re-checked at write time. Raises ExportError."""
+    safefile.write_atomic(path, text, what)
 
 
 def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
-    try:
-        write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
-    except OSError as exc:
-        raise ExportError(f"cannot write export to {Path(path)}: {_reason(exc)}") from None
+    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def event_to_dict(ev: AcceptEvent, clock: ClockMap) -> dict[str, Any]:
@@ -107,7 +62,8 @@ class EventWriter:
         self.written = 0
         self._last_flush = time.monotonic()
         try:
-            self._f: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            # Opened through safefile: no symlink, no FIFO/device, new files 0600.
+            self._f: IO[str] | None = os.fdopen(open_events_file(self.path), "a", encoding="utf-8")
         except OSError as exc:
             raise ExportError(f"cannot write events to {self.path}: {_reason(exc)}") from None
 

@@ -16,7 +16,11 @@ from collections.abc import Callable, Iterable
 
 from . import discovery
 from .discovery import DiscoveryError, Topology
-from .textsafe import printable
+from .sanitize import clean
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def only_ports(topology: Topology, ports: set[int] | None) -> Topology:
@@ -55,7 +59,7 @@ class Follower:
         if self._gone_since is None:
             self._gone_since = now
             wait = f"; waiting up to {self._grace_s:g} s for a successor"
-            src = f" or a new pid in {printable(self._pidfile)}" if self._pidfile else ""
+            src = f" or a new pid in {clean(self._pidfile[:200])}" if self._pidfile else ""
             self._say(f"master {old.master_pid} exited and no process holds its listening sockets{src}{wait}")
         if now - self._gone_since >= self._grace_s:
             self._say(f"master {old.master_pid} exited and nothing took over its listening sockets within "
@@ -81,8 +85,8 @@ class Follower:
         if new_ports:
             self._watch_ports(new_ports)
         how = ("which holds the same listening sockets" if same_sockets
-               else f"named by {printable(self._pidfile or '')} (a restart with new sockets)")
-        name = printable(fresh.master_cmdline, 60)
+               else f"named by {clean((self._pidfile or '')[:200])} (a restart with new sockets)")
+        name = _short(clean(fresh.master_cmdline), 60)
         self._say(f"master {old.master_pid} exited; following pid {pid} ({name}), {how}")
         self.topology = fresh
         self._gone_since = None

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import textwrap
 from collections.abc import Mapping
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import analysis
-from .export import write_text_atomic
+from .export import ExportError, check_writable, write_text_atomic
 from .report_html import flag_messages, fmt_p, fmt_span, render_html
+from .safefile import kind, reason
+from .sanitize import clean, clean_doc
 from .terminal import competing, fmt_duration, fmt_us
 
 SCHEMA = "accept-watch/1"
@@ -35,6 +38,10 @@ WORKER_KEYS = ("pid", "accepts", "share")
 LISTENER_KEYS = ("address", "port", "mode", "pids", "accepts", "queue_depth")
 INFLIGHT_KEYS = ("now", "max", "busy_accepts", "closed")
 PROG = "accept-watch report"
+# Input bounds, far above any real export: numbers in one are counts, ns, us and seconds.
+MAX_EXPORT_BYTES = 64 * 2**20
+MAX_NUMBER = 2**63
+MAX_DEPTH = 32
 
 
 class ReportError(Exception):
@@ -177,24 +184,70 @@ def validate_export(doc: Any) -> None:
         _fail("analysis", f"must be an object, got {type(stored).__name__}")
 
 
-def load_export(path: Path) -> dict[str, Any]:
-    """Read and check an export; every failure is a ReportError naming the file."""
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes, at most MAX_EXPORT_BYTES; only a regular file (/dev/zero or a FIFO would be
+    read without end). O_NONBLOCK so that opening a FIFO cannot hang."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ReportError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ReportError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise ReportError(f"{path}: {reason(exc)}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ReportError(f"{path}: is {kind(st.st_mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > MAX_EXPORT_BYTES:
+            raise ReportError(f"{path}: {st.st_size:,} bytes, larger than an export can be "
+                              f"({MAX_EXPORT_BYTES // 2**20} MiB)")
+        try:
+            data = f.read(MAX_EXPORT_BYTES + 1)
+        except OSError as exc:
+            raise ReportError(f"{path}: {reason(exc)}") from None
+    if len(data) > MAX_EXPORT_BYTES:  # the file grew while being read
+        raise ReportError(f"{path}: larger than an export can be ({MAX_EXPORT_BYTES // 2**20} MiB)")
+    return data
+
+
+def _check_numbers(value: Any, where: str = "", depth: int = 0) -> None:
+    """Every number finite and within +-MAX_NUMBER, nesting at most MAX_DEPTH: what the views compute
+    with (ns to s, us to ms, scales) then cannot overflow or recurse without end."""
+    if depth > MAX_DEPTH:
+        raise ReportError(f"{where or 'the document'}: nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or abs(value) > MAX_NUMBER:
+            raise ReportError(f"{where}: number out of range ({value!r:.40})")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(v, f"{where}.{k}" if where else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_numbers(v, f"{where}[{i}]", depth + 1)
+
+
+def _no_constant(name: str) -> Any:
+    raise ReportError(f"not JSON ({name} is not a JSON number)")
+
+
+def load_export(path: Path) -> dict[str, Any]:
+    """Read and check an export; every failure is a ReportError naming the file."""
+    data = _read_bounded(path)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ReportError(f"{path}: not JSON (not UTF-8 text)") from None
-    except OSError as exc:
-        raise ReportError(f"{path}: {exc.strerror or exc}") from None
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_no_constant)
+        _check_numbers(doc)
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise ReportError(f"{path}: not an accept-watch export (JSON nested too deeply)") from None
+    except ReportError as exc:
+        raise ReportError(f"{path}: {exc}") from None
     try:
         validate_export(doc)
     except ReportError as exc:
@@ -278,6 +331,10 @@ def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100,
     """The terminal report: header, verdict, figures, flags, listeners, per-worker table."""
     st = _Style(ansi)
     width = max(60, width)
+    # Every string of the export may come from the traced server (argv) or from whoever wrote the file.
+    doc = clean_doc({k: v for k, v in doc.items() if k not in ("transitions", "rate_history")})
+    result = clean_doc(result)
+    source = None if source is None else clean(source)
     workers = sorted(doc["workers"], key=lambda w: w["pid"])
     lost, unattributed, total = doc["lost_events"], doc["unattributed"], doc["total_accepts"]
     out = [st.bold("accept-watch report") + (f"  {source}" if source else "")]
@@ -364,20 +421,20 @@ def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100,
 
 
 def check_output(path: Path) -> None:
-    """Refuse an output path before any work is done (and before anything is printed)."""
-    if path.is_dir():
-        raise ReportError(f"cannot write {path}: it is a directory")
-    if not path.parent.is_dir():
-        raise ReportError(f"cannot write {path}: directory {path.parent} does not exist")
+    """Refuse an output path before any work is done (and before anything is printed); the same
+    rules as the daemon's exports (daemon/safefile.py: no symlink, no device, no foreign file in /tmp)."""
+    try:
+        check_writable(path, "the HTML report")
+    except ExportError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same directory, fsync, rename: a reader never sees half a report."""
-    check_output(path)
     try:
-        write_text_atomic(path, text)
-    except OSError as exc:
-        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+        write_text_atomic(path, text, "the HTML report")
+    except ExportError as exc:
+        raise ReportError(str(exc)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -405,7 +462,7 @@ def run_report(argv: list[str]) -> int:
         doc = load_export(args.export)
         result, warning = recompute(doc)
         if warning:
-            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            print(f"{PROG}: warning: {clean(warning)}", file=sys.stderr)
         if args.json:
             try:
                 text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False)
@@ -418,8 +475,8 @@ def run_report(argv: list[str]) -> int:
             print(summary(doc, result, width=width, ansi=ansi, source=str(args.export)))
         if args.html:
             write_atomic(args.html, render_html(doc, result, [warning] if warning else []))
-            print(f"{PROG}: HTML report written to {args.html}", file=sys.stderr)
+            print(f"{PROG}: HTML report written to {clean(args.html)}", file=sys.stderr)
     except ReportError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {clean(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -138,6 +138,8 @@ class Aggregator:
         self.probe_detail = probe_detail
         # The syscall-exit backstop next to fexit/kretprobe (daemon/backstop.py), once attached.
         self.backstop: dict[str, Any] | None = None
+        # Failed --export writes so far (daemon/exportsink.py): {count, last_error, last_at}, or None.
+        self.export_errors: dict[str, Any] | None = None
         self.kernel = kernel
         self.clock = ClockMap(wall_clock, mono_clock)
         self._lookup = process_lookup
@@ -593,6 +595,7 @@ class Aggregator:
             "probe": self.probe,
             "probe_detail": self.probe_detail,
             "backstop": self.backstop,
+            "export_errors": self.export_errors,
             "kernel": self.kernel,
             "started_at": iso_utc(self.clock.start_wall),
             "updated_at": self.clock.iso(updated),

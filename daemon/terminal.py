@@ -10,6 +10,7 @@ import textwrap
 from typing import Any
 
 from .analysis import inflight_flagged
+from .sanitize import clean_doc
 
 _STYLES = {
     "bold": "\x1b[1m", "loud": "\x1b[1;97;41m", "dim": "\x1b[2m", "yellow": "\x1b[33m", "red": "\x1b[31m",
@@ -143,7 +144,7 @@ def _worker_line(
         state = "alive" if w.get("alive", True) else "exited"
     share = float(w.get("share") or 0.0)
     text = cols.format(
-        pid=w.get("pid"),
+        pid=str(w.get("pid", "-")),
         accepts=f"{int(w.get('accepts') or 0):,}",
         share=f"{share * 100:.1f}%",
         bar=_bar(share, max_share, fair, bar_w),
@@ -157,6 +158,7 @@ def _worker_line(
 
 def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: bool = False) -> str:
     """The live table. Shows the max_workers busiest processes (in pid order) and counts the rest."""
+    doc = _safe(doc)
     width = max(40, width)
     lines = [_emit(_header(doc), width, ansi)]
     listeners = doc.get("listeners") or []
@@ -194,6 +196,17 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
     return "\n".join(lines)
 
 
+def _safe(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every string the table may show, sanitized (argv comes from the traced server's owner); the two
+    long sequences it never shows are left out rather than copied."""
+    safe = clean_doc({k: v for k, v in doc.items() if k not in ("transitions", "rate_history")})
+    # Any field may be null where unknown: entries that are not objects are dropped, not crashed on.
+    for key in ("workers", "listeners"):
+        items = safe.get(key)
+        safe[key] = [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+    return safe
+
+
 def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
     """The analysis under the table: verdict, how workers wait, in-worker queueing, flags."""
     analysis = doc.get("analysis") or {}
@@ -212,9 +225,14 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
     workers = doc.get("workers") or []
     busy = [w for w in workers if inflight_flagged(w.get("inflight") or {})]
     if busy:
-        top = max(busy, key=lambda w: w["inflight"]["max"])
+        top = max(busy, key=lambda w: w["inflight"].get("max") or 0)
         out.append((f"  in-flight: {len(busy)} worker(s) accepted while holding open connections "
-                    f"(pid {top['pid']} held up to {top['inflight']['max']})", "yellow"))
+                    f"(pid {top.get('pid')} held up to {top['inflight'].get('max')})", "yellow"))
+    errors = doc.get("export_errors") or {}
+    if isinstance(errors, dict) and (errors.get("count") or 0) > 0:
+        # The stderr warning is wiped by the next redraw of the live view: keep the failure on screen.
+        out.append((f"  ! export: {errors['count']} write(s) failed, retried every 5 s; last: "
+                    f"{errors.get('last_error')}", "red"))
     for flag in analysis.get("flags") or []:
         out.append((f"  ! {flag.get('message', flag)}", "yellow"))
     return out
@@ -222,6 +240,7 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
 
 def summary_line(doc: dict[str, Any]) -> str:
     """One plain line for logs and pipes (no table)."""
+    doc = _safe(doc)
     workers = doc.get("workers") or []
     total = int(doc.get("total_accepts") or 0)
     n = competing(workers)

@@ -22,10 +22,12 @@ import psutil
 from accept_watch.probes import environment
 from accept_watch.probes.records import AcceptEvent, KernelSnapshot, ProbeKind
 
-from . import analysis, discovery, export, follow, terminal, textsafe, waitmode
+from . import analysis, discovery, export, follow, terminal, waitmode
 from .backstop import Backstop
 from .blocked import blocked_workers
+from .exportsink import ExportSink
 from .roles import assign_roles
+from .sanitize import clean
 from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
@@ -42,7 +44,7 @@ class WatchError(Exception):
 
 
 def _err(message: str) -> int:
-    print(f"accept-watch: error: {message}", file=sys.stderr)
+    print(f"accept-watch: error: {clean(message)}", file=sys.stderr)
     return 1
 
 
@@ -58,9 +60,10 @@ def run_watch(args: argparse.Namespace) -> int:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    for path in (args.export, args.events):
-        if path is not None:
-            export.check_writable(path)
+    if args.export is not None:
+        export.check_writable(args.export, "export")
+    if args.events is not None:
+        export.check_writable(args.events, "events")
 
 
 def _target_pid(args: argparse.Namespace) -> int:
@@ -69,7 +72,7 @@ def _target_pid(args: argparse.Namespace) -> int:
     if pid is None:
         pid = discovery.read_pidfile(args.pidfile)
         if pid is None:
-            raise WatchError(f"no process id in {textsafe.printable(args.pidfile)}")
+            raise WatchError(f"no process id in {clean(args.pidfile[:200])}")
     if not psutil.pid_exists(pid):
         raise WatchError(f"no process with pid {pid}")
     return pid
@@ -118,18 +121,23 @@ def _run(args: argparse.Namespace) -> int:
     # Signals are caught from before the attach: a Ctrl-C right after the "attached" line must still
     # detach, write the export and exit 0 (not die with 130 and lose what was counted).
     stop = threading.Event()
+    # The dashboard's address is taken now (port in use, address not on this host): refused before
+    # a single probe is attached. It starts serving once the probes count.
+    dashboard = None if args.no_dashboard or args.dry_run else _bind_dashboard(args, aggregator)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _attach_and_watch(args, layout, want_events, probe, topology, aggregator, wait_modes,
-                                 ports, stop)
+                                 ports, stop, dashboard)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if dashboard is not None:
+            dashboard.close()
 
 
 def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, probe: ProbeKind | None,
                       topology: discovery.Topology, aggregator: Aggregator, wait_modes: WaitModes,
-                      ports: list[int], stop: threading.Event) -> int:
+                      ports: list[int], stop: threading.Event, dashboard: Any = None) -> int:
     from accept_watch.probes.kernel import AcceptProbes
 
     with AcceptProbes(layout, emit_events=want_events) as probes:
@@ -141,7 +149,7 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
         print(f"accept-watch: probe {result.kind} ({result.detail}); compiled in {result.compile_s:.2f} s, "
               f"attached in {result.attach_s:.2f} s", file=sys.stderr)
         for line in failed:
-            print(f"accept-watch: not used: {line}", file=sys.stderr)
+            print(f"accept-watch: not used: {clean(line)}", file=sys.stderr)
         if args.dry_run:
             print(f"accept-watch: dry run OK: probe {result.kind}, {len(topology.processes)} processes, "
                   f"ports {', '.join(map(str, ports))}")
@@ -150,11 +158,11 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
         # entered it before (the backstop will see its exit) or after (the primary sees it).
         backstop = Backstop(probes, result.kind, topology.processes.keys(), time.monotonic())
         aggregator.backstop = backstop.to_doc()
-        return _loop(args, probes, topology, aggregator, wait_modes, stop, backstop)
+        return _loop(args, probes, topology, aggregator, wait_modes, stop, backstop, dashboard)
 
 
 def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
-          wait_modes: WaitModes, stop: threading.Event, backstop: Backstop) -> int:
+          wait_modes: WaitModes, stop: threading.Event, backstop: Backstop, bound: Any = None) -> int:
     from accept_watch.probes.kernel import ProbeError
 
     only = set(args.port) if args.port else None
@@ -162,6 +170,7 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
     blocked = BlockedSampler()
     writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
     dashboard = None
+    sink = _export_sink(args, aggregator)
     try:
         if writer is not None or args.stream:
             def on_event(ev: AcceptEvent) -> None:
@@ -172,8 +181,8 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
                     writer.write(ev)
 
             probes.open_events(on_event)
-        if not args.no_dashboard:
-            dashboard = _start_dashboard(args, aggregator)
+        if bound is not None:
+            dashboard = _start_dashboard(bound)
         deadline = time.monotonic() + args.duration if args.duration else None
         next_export = time.monotonic() + EXPORT_EVERY_S
         tree = TreeCheck(topology)
@@ -213,8 +222,8 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             blocked.maybe_sample(snapshot, aggregator)
             if not args.quiet:
                 _show(aggregator.document(), tty)
-            if args.export and now >= next_export:
-                export.write_json_atomic(args.export, aggregator.document())
+            if sink is not None and now >= next_export:
+                sink.periodic(aggregator.document())  # a failure is reported and retried, never fatal
                 next_export = now + EXPORT_EVERY_S
             if deadline is not None and now >= deadline:
                 break
@@ -228,20 +237,19 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
         doc = aggregator.document(ended=True)
     except ProbeError:
         # The maps could not be read any more: keep what was measured up to the last good read.
-        if args.export:
-            export.write_json_atomic(args.export, aggregator.document(ended=True))
+        if sink is not None:
+            sink.final(aggregator.document(ended=True))
         raise
     finally:
         if dashboard is not None:
             dashboard.stop()
         if writer is not None:
             writer.close()
-    if args.export:
-        export.write_json_atomic(args.export, doc)
+    exported = sink.final(doc) if sink is not None else True
     print(terminal.render(doc, width=_width(), ansi=False))
-    if args.export:
+    if sink is not None and exported:
         print(f"accept-watch: export written to {args.export}")
-    return 0
+    return 0 if exported else 1
 
 
 def _wait(probes: Any, stop: threading.Event, until: float, events: bool) -> None:
@@ -382,17 +390,37 @@ def _refresh(probes: Any, topology: discovery.Topology, only: set[int] | None) -
     return fresh
 
 
-def _start_dashboard(args: argparse.Namespace, aggregator: Aggregator) -> Any:
+def _bind_dashboard(args: argparse.Namespace, aggregator: Aggregator) -> Any:
     from accept_watch.dashboard.server import DashboardError, DashboardServer
 
     host, port = args.listen
     try:
         server = DashboardServer(aggregator, listen_host=host, port=port, token=args.token)
-        server.start()
+        server.bind()
     except (DashboardError, ValueError) as exc:
         raise WatchError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
+    return server
+
+
+def _start_dashboard(server: Any) -> Any:
+    from accept_watch.dashboard.server import DashboardError
+
+    try:
+        server.start()
+    except DashboardError as exc:
+        raise WatchError(f"cannot serve the dashboard: {exc}") from exc
     print(f"accept-watch: dashboard at {server.url}", file=sys.stderr)
     return server
+
+
+def _export_sink(args: argparse.Namespace, aggregator: Aggregator) -> ExportSink | None:
+    if not args.export:
+        return None
+
+    def on_change(errors: dict[str, Any]) -> None:
+        aggregator.export_errors = errors  # shown by the dashboard and /metrics from the next update
+
+    return ExportSink(args.export, on_change)
 
 
 def _width() -> int:

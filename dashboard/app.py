@@ -10,19 +10,21 @@ import html
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Collection
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection
 from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import anyio
 from accept_watch.dashboard.guard import RequestGuard, check_token, normalise_hosts
+from accept_watch.dashboard.limits import ConnectionLimits
 from accept_watch.dashboard.metrics import make_registry
 from accept_watch.dashboard.schema import ErrorDetail, Health, Snapshot, StreamedSnapshot
 from accept_watch.dashboard.source import DashboardSource
-from fastapi import FastAPI, HTTPException, Path, Query
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -52,6 +54,8 @@ SSE_EVENT_SCHEMA = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorDetail, "description": "Host header not allowed"},
     401: {"model": ErrorDetail, "description": "Token required (when the dashboard has one)"},
+    429: {"model": ErrorDetail, "description": "This client holds too many live streams (/api/stream)"},
+    503: {"model": ErrorDetail, "description": "All live streams are taken (/api/stream)"},
     414: {"model": ErrorDetail, "description": "Path or query string too long"},
     431: {"model": ErrorDetail, "description": "Request headers too large"},
 }
@@ -73,6 +77,7 @@ def create_app(
     token: str | None,
     allowed_hosts: Collection[str],
     stream_interval: float = 1.0,
+    limits: ConnectionLimits | None = None,
 ) -> FastAPI:
     """Build the ASGI app. `allowed_hosts` holds exact Host header values ("127.0.0.1:8123"); "*" accepts
     any Host and is only allowed together with a token."""
@@ -87,6 +92,7 @@ def create_app(
     page = assets["index.html"].decode().replace(ASSET_QUERY_MARK, html.escape(asset_query)).encode()
     registry = make_registry(source.snapshot)
     stopping = threading.Event()
+    slots = (limits or ConnectionLimits()).streams
 
     app = FastAPI(
         title="accept-watch dashboard",
@@ -194,9 +200,20 @@ def create_app(
             **_ERRORS,
         },
     )
-    def stream() -> StreamingResponse:
-        """Push channel for the page: the snapshot document as Server-Sent Events."""
-        return StreamingResponse(snapshot_stream(), media_type=SSE, headers={"x-accel-buffering": "no"})
+    def stream(request: Request) -> Response:
+        """Push channel for the page: the snapshot document as Server-Sent Events. Streams are capped
+        (503 when all are taken, 429 when this client holds its share): only a new stream is refused."""
+        client = request.client.host if request.client else "?"
+        refused = slots.acquire(client)
+        if refused:
+            detail = ("too many live streams; poll /api/snapshot instead" if refused == 503
+                      else "this client holds too many live streams")
+            return JSONResponse({"detail": detail}, status_code=refused, headers={"retry-after": "10"})
+        release = _once(lambda: slots.release(client))
+        body = _released_when_done(snapshot_stream(), release)
+        # Also when the stream is never iterated (client gone before the body): freed with the generator.
+        weakref.finalize(body, release)
+        return StreamingResponse(body, media_type=SSE, headers={"x-accel-buffering": "no"})
 
     @app.get(
         "/metrics",
@@ -233,6 +250,30 @@ def create_app(
     _customise_openapi(app, token)
     app.add_middleware(RequestGuard, token=token, allowed_hosts=allowed_hosts)
     return app
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    lock = threading.Lock()
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        with lock:
+            if done:
+                return
+            done = True
+        fn()
+
+    return run
+
+
+async def _released_when_done(body: AsyncIterator[bytes],
+                              release: Callable[[], None]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        release()
 
 
 def _customise_openapi(app: FastAPI, token: str | None) -> None:

@@ -7,7 +7,9 @@ scrapes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,6 +32,29 @@ LE_BOUNDS_NS: tuple[int, ...] = (
 )  # fmt: skip
 
 
+def _num(value: Any) -> float | None:
+    """A finite number, or None for null/unknown/garbage: such a sample is left out, never a 500."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, Mapping) else None
+    return obj
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _add(family: Metric, labels: list[str], value: Any) -> None:
+    v = _num(value)
+    if v is not None:
+        family.add_metric(labels, v)
+
+
 def _le_label(bound_ns: int) -> str:
     return repr(bound_ns / 1e9)
 
@@ -44,8 +69,8 @@ def cumulative_buckets(hist: Iterable[Sequence[int]]) -> tuple[list[tuple[str, i
     per_bound = [0] * len(LE_BOUNDS_NS)
     total = 0
     for entry in hist:
-        if len(entry) != 3:
-            raise ValueError(f"queue_wait_hist entry must be [low_ns, high_ns, count], got {entry!r}")
+        if not isinstance(entry, list | tuple) or len(entry) != 3 or any(_num(x) is None for x in entry):
+            continue  # not [low_ns, high_ns, count]: nothing to count
         _low, high, count = (int(x) for x in entry)
         total += count
         for i, bound in enumerate(LE_BOUNDS_NS):
@@ -76,6 +101,7 @@ class SnapshotCollector(Collector):
         yield from worker_metrics(doc)
         yield from listener_metrics(doc)
         yield from run_metrics(doc)
+        yield from export_metrics(doc)
 
 
 def worker_metrics(doc: Mapping) -> Iterable[Metric]:
@@ -95,15 +121,18 @@ def worker_metrics(doc: Mapping) -> Iterable[Metric]:
         "Time from handshake completion to accept() return, per accepting process",
         labels=["pid"],
     )
-    for w in doc["workers"]:
+    for w in _list(doc.get("workers")):
+        if not isinstance(w, Mapping) or _num(w.get("pid")) is None:
+            continue
         pid = str(int(w["pid"]))
-        accepts.add_metric([pid], int(w["accepts"]))
-        alive.add_metric([pid], 1 if w["alive"] else 0)
-        share.add_metric([pid], float(w["share"]))
-        buckets, total = cumulative_buckets(w["queue_wait_hist"])
-        mean_us = w["queue_wait_us"].get("mean")
+        _add(accepts, [pid], w.get("accepts"))
+        if isinstance(w.get("alive"), bool):
+            alive.add_metric([pid], 1 if w["alive"] else 0)
+        _add(share, [pid], w.get("share"))
+        buckets, total = cumulative_buckets(_list(w.get("queue_wait_hist")))
+        mean_us, count = _num(_get(w, "queue_wait_us", "mean")), _num(_get(w, "queue_wait_us", "count"))
         # The exact sum (mean * count) comes from the kernel's running sum, not from bucket midpoints.
-        wait_sum = 0.0 if not total or mean_us is None else mean_us * 1e-6 * int(w["queue_wait_us"]["count"])
+        wait_sum = 0.0 if not total or mean_us is None or count is None else mean_us * 1e-6 * count
         wait.add_metric([pid], buckets, wait_sum)
     yield from (accepts, alive, share, wait)
 
@@ -120,32 +149,43 @@ def listener_metrics(doc: Mapping) -> Iterable[Metric]:
     accepts = CounterMetricFamily(
         "accept_watch_listener_accepts", "Connections accepted from each listening socket", labels=labels
     )
-    for listener in doc["listeners"]:
-        key = [str(listener["address"]), str(int(listener["port"])), str(int(listener["inode"]))]
-        q = listener["queue_depth"]
-        depth.add_metric(key, int(q["current"]))
-        depth_max.add_metric(key, int(q["max"]))
-        limit.add_metric(key, int(q["limit"]))
-        accepts.add_metric(key, int(listener["accepts"]))
+    for listener in _list(doc.get("listeners")):
+        if not isinstance(listener, Mapping):
+            continue
+        # A listener that has not accepted yet has no known queue limit (null): its sample is left out.
+        key = [str(listener.get("address")), _label(listener.get("port")), _label(listener.get("inode"))]
+        _add(depth, key, _get(listener, "queue_depth", "current"))
+        _add(depth_max, key, _get(listener, "queue_depth", "max"))
+        _add(limit, key, _get(listener, "queue_depth", "limit"))
+        _add(accepts, key, listener.get("accepts"))
     yield from (depth, depth_max, limit, accepts)
 
 
+def _label(value: Any) -> str:
+    v = _num(value)
+    return "" if v is None else str(int(v))
+
+
+def _single(family: Metric, value: Any) -> Iterable[Metric]:
+    _add(family, [], value)
+    yield family
+
+
 def run_metrics(doc: Mapping) -> Iterable[Metric]:
-    yield CounterMetricFamily(
+    yield from _single(CounterMetricFamily(
         "accept_watch_lost_events",
         "Per-connection event records lost (ring buffer full); per-worker counters stay exact",
-        value=int(doc["lost_events"]),
-    )
-    yield CounterMetricFamily(
+    ), doc.get("lost_events"))
+    yield from _single(CounterMetricFamily(
         "accept_watch_unattributed",
         "Accepted connections that could not be attributed to a process (0 when counts are exact)",
-        value=int(doc["unattributed"]),
-    )
+    ), doc.get("unattributed"))
     diag = CounterMetricFamily(
         "accept_watch_diagnostic", "In-kernel diagnostic counters (see records.Counter)", labels=["counter"]
     )
-    for name, value in sorted(doc["diagnostics"].items()):
-        diag.add_metric([str(name)], int(value))
+    diagnostics = doc.get("diagnostics")
+    for name, value in sorted((diagnostics if isinstance(diagnostics, Mapping) else {}).items()):
+        _add(diag, [str(name)], value)
     yield diag
     info = GaugeMetricFamily(
         "accept_watch_info",
@@ -153,11 +193,20 @@ def run_metrics(doc: Mapping) -> Iterable[Metric]:
         labels=["master_pid", "probe", "kernel", "tool_version"],
     )
     info.add_metric(
-        [str(int(doc["master_pid"])), str(doc["probe"]), str(doc["kernel"]), str(doc["tool_version"])], 1
+        [_label(doc.get("master_pid")), str(doc.get("probe")), str(doc.get("kernel")),
+         str(doc.get("tool_version"))], 1
     )
     yield info
-    yield GaugeMetricFamily(
-        "accept_watch_duration_seconds", "Time since tracing started", value=float(doc["duration_s"])
+    duration = GaugeMetricFamily("accept_watch_duration_seconds", "Time since tracing started")
+    yield from _single(duration, doc.get("duration_s"))
+
+
+def export_metrics(doc: Mapping) -> Iterable[Metric]:
+    # Always present (0 without --export or without failures), so an alert on increase() just works.
+    yield CounterMetricFamily(
+        "accept_watch_export_failures",
+        "Failed writes of the --export file (each is retried at the next period; the run goes on)",
+        value=_num(_get(doc, "export_errors", "count")) or 0,
     )
 
 

@@ -19,9 +19,11 @@ class _Open(BaseModel):
 
 
 class QueueDepth(_Open):
-    current: int = Field(description="listener accept-queue length after the latest accept")
-    max: int = Field(description="highest accept-queue length seen since attach")
-    limit: int = Field(description="the listener's backlog limit (sk_max_ack_backlog)")
+    # Null until the listener has accepted once (the kernel reports them at accept time).
+    current: int | None = Field(description="listener accept-queue length after the latest accept")
+    max: int | None = Field(description="highest accept-queue length seen since attach")
+    limit: int | None = Field(description="the listener's backlog limit (sk_max_ack_backlog); null until "
+                              "the first accept")
 
 
 class Listener(_Open):
@@ -119,7 +121,8 @@ class PortShares(_Open):
     expected: dict[str, float]
     observed: dict[str, int]
     live_workers: LiveWorkers
-    epochs: list[tuple[list[int], int]] = Field(description="[live pids, consecutive-accept pairs seen]")
+    epochs: list[list[Any]] = Field(
+        description="[live pids, consecutive-accept pairs seen, [fraction of the interval each was live]]")
     folded: dict[str, float]
 
 
@@ -132,6 +135,12 @@ class Master(_Open):
     watched: bool = Field(description="accept-watch followed it as the server's master")
 
 
+class ExportErrors(_Open):
+    count: int = Field(ge=0, description="failed writes of the --export file so far (each retried)")
+    last_error: str | None
+    last_at: str | None
+
+
 class StreamedSnapshot(_Open):
     """The document as pushed on /api/stream: everything but `transitions` (the page does not use them)."""
 
@@ -142,6 +151,7 @@ class StreamedSnapshot(_Open):
     probe: Literal["tracepoint", "kretprobe", "fexit"]
     probe_detail: str
     backstop: Backstop | None = Field(default=None, description="null until the probes are attached")
+    export_errors: ExportErrors | None = Field(default=None, description="null until an --export write fails")
     kernel: str
     started_at: str
     updated_at: str

@@ -12,6 +12,7 @@ from urllib.parse import quote
 import uvicorn
 from accept_watch.dashboard.app import create_app
 from accept_watch.dashboard.guard import ANY_HOST, check_token
+from accept_watch.dashboard.limits import ConnectionLimits, guarded_protocol
 from accept_watch.dashboard.source import DashboardSource
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -52,6 +53,7 @@ class DashboardServer:
         *,
         stream_interval: float = 1.0,
         log_level: str = "warning",
+        limits: ConnectionLimits | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise DashboardError(f"dashboard port must be 0..65535, got {port}")
@@ -69,6 +71,7 @@ class DashboardServer:
         self._requested_port = port
         self._stream_interval = stream_interval
         self._log_level = log_level
+        self._limits = limits
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -122,21 +125,39 @@ class DashboardServer:
         sock.set_inheritable(False)
         return sock
 
+    def bind(self) -> None:
+        """Take the address now (refusing a port in use or an address not on this host) without serving
+        yet: the daemon calls this before attaching any probe, start() later."""
+        if self._sock is None:
+            self._sock = self._bind()
+            self._sock.listen(128)  # hold the port from now on (a bound, non-listening port can be shared)
+
+    def close(self) -> None:
+        """Release a bound address that was never started (or stop a started server)."""
+        if self._thread is not None:
+            self.stop()
+        elif self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
     def start(self, timeout: float = 10.0) -> None:
-        """Bind, start serving in a daemon thread, and return once the server accepts connections."""
+        """Bind (unless bind() did), serve in a daemon thread, return once it accepts connections."""
         if self._thread is not None:
             raise DashboardError("dashboard already started")
-        sock = self._bind()
+        self.bind()
+        sock = self._sock
+        assert sock is not None
         address, port = sock.getsockname()[:2]
+        limits = self._limits or ConnectionLimits()
         app = create_app(
             self.source,
             token=self.token,
             allowed_hosts=self.allowed_hosts(port),
             stream_interval=self._stream_interval,
+            limits=limits,
         )
         config = uvicorn.Config(
             app,
-            http="h11",
             ws="none",
             lifespan="off",
             log_config=None,  # leave the CLI's logging set-up alone
@@ -144,7 +165,10 @@ class DashboardServer:
             access_log=False,
             server_header=False,
             proxy_headers=False,  # never trust X-Forwarded-*: nothing sits in front of us
-            limit_concurrency=64,  # each open page holds one SSE connection; beyond this answer 503
+            # No limit_concurrency: past it uvicorn answers 503 on every route, /healthz included, so
+            # 64 idle sockets locked everyone out. ConnectionLimits bounds connections instead
+            # (header-read timeout, per-client caps, oldest idle evicted) and the app caps SSE streams.
+            http=guarded_protocol(limits),
             timeout_graceful_shutdown=3,
         )
         server = uvicorn.Server(config)

@@ -37,7 +37,7 @@ def test_missing_pid_is_one_line() -> None:
 
 def test_bad_arguments_are_one_line() -> None:
     _one_line_error(run_cli("--pid", "abc"), "not a process id")
-    _one_line_error(run_cli("--pid", "1", "--duration", "-3"), "must be > 0")
+    _one_line_error(run_cli("--pid", "1", "--duration", "-3"), "must be a number > 0")
     _one_line_error(run_cli("--pid", "1", "--listen", "nowhere"), "HOST:PORT")
 
 

@@ -67,7 +67,8 @@ def test_check_writable_parent_is_a_file(tmp_path: Path) -> None:
 def test_check_writable_path_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ExportError) as exc:
         check_writable(tmp_path)
-    assert str(exc.value) == f"cannot write export to {tmp_path}: it is a directory"
+    assert str(exc.value) == (f"cannot write export to {tmp_path}: "
+                              "it is a directory, not a regular file; not replaced")
 
 
 def test_check_writable_unwritable_directory() -> None:
@@ -92,7 +93,8 @@ def test_check_writable_read_only_directory_for_a_user() -> None:
         assert r.returncode == 1
         last = r.stderr.strip().splitlines()[-1]
         assert last == (
-            f"accept_watch.daemon.export.ExportError: cannot write export to {d}/run.json: permission denied"
+            "accept_watch.daemon.safefile.ExportError: "
+            f"cannot write export to {d}/run.json: permission denied"
         )
         d.chmod(0o777)  # control: the same check passes once the directory is writable
         r = subprocess.run([sys.executable, "-c", code, str(d / "run.json")], user=65534, capture_output=True,

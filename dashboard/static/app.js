@@ -44,7 +44,23 @@
   const sum = (xs) => xs.reduce((a, b) => a + b, 0);
 
   // ---- formatting ----
-  const fmtInt = (n) => Number(n).toLocaleString('en-US');
+  // Any field may be null where unknown (e.g. a queue limit before the first accept): show a dash.
+  const isNum = (v) => typeof v === 'number' && Number.isFinite(v);
+  const fmtInt = (n) => (isNum(n) ? n.toLocaleString('en-US') : '–');
+  const orDash = (v) => (isNum(v) ? v : '–');
+  const nearLimit = (q) => isNum(q.max) && isNum(q.limit) && q.limit > 0 && q.max >= q.limit;
+  const arr = (v) => (Array.isArray(v) ? v : []);
+  const obj = (v) => (v && typeof v === 'object' && !Array.isArray(v) ? v : {});
+  // The shapes the sections iterate over, whatever the document left null or out.
+  function normalize(raw) {
+    const doc = obj(raw);
+    doc.workers = arr(doc.workers).filter((w) => w && typeof w === 'object')
+      .map((w) => ({ ...w, share: isNum(w.share) ? w.share : 0, queue_wait_us: obj(w.queue_wait_us), rate: obj(w.rate), queue_wait_hist: arr(w.queue_wait_hist) }));
+    doc.listeners = arr(doc.listeners).filter((l) => l && typeof l === 'object')
+      .map((l) => ({ ...l, queue_depth: obj(l.queue_depth), pids: arr(l.pids), depth_history: arr(l.depth_history) }));
+    doc.rate_history = arr(doc.rate_history);
+    return doc;
+  }
   function fmtPct(fraction) {
     const p = fraction * 100;
     if (p > 0 && p < 0.1) return "<\u00a00.1\u00a0%";
@@ -142,6 +158,11 @@
       lines.push(`${fmtInt(doc.lost_events)} per-connection event(s) were lost (ring buffer full); ` +
         'per-worker counters remain exact.');
     }
+    const exportErrors = obj(doc.export_errors);
+    if (exportErrors.count > 0) {
+      lines.push(`${fmtInt(exportErrors.count)} export write(s) failed (retried at the next period; counting ` +
+        `goes on). Last: ${exportErrors.last_error || '?'}`);
+    }
     banner.hidden = lines.length === 0;
     banner.replaceChildren(...lines.map((t) => el('div', { text: t })));
   }
@@ -177,10 +198,10 @@
     const chips = doc.listeners.slice(0, MAX_CHIPS).map((l) => {
       const q = l.queue_depth;
       return el('span', {
-        class: `chip${q.max >= q.limit ? ' full' : ''}`, 'data-testid': 'listener-chip', 'data-port': l.port,
+        class: `chip${nearLimit(q) ? ' full' : ''}`, 'data-testid': 'listener-chip', 'data-port': l.port,
         title: `inode ${l.inode}; held by ${l.pids.length} process(es): ${l.pids.join(', ')}`,
       }, el('b', { text: listenerName(l) }), ' ', el('span', { class: 'mode', text: l.mode }),
-      ` · ${fmtInt(l.accepts)} accepts · queue ${q.current} now / ${q.max} max / ${q.limit} limit`);
+      ` · ${fmtInt(l.accepts)} accepts · queue ${orDash(q.current)} now / ${orDash(q.max)} max / ${orDash(q.limit)} limit`);
     });
     if (doc.listeners.length > MAX_CHIPS) {
       chips.push(el('span', { class: 'chip', text: `+${doc.listeners.length - MAX_CHIPS} more (table below)` }));
@@ -378,7 +399,7 @@
       }
       return null;
     };
-    const maxes = doc.workers.map((w) => w.queue_wait_us.max).filter((x) => x !== null && x !== undefined);
+    const maxes = doc.workers.map((w) => w.queue_wait_us.max).filter(isNum);
     return { buckets, total, p50: pct(50), p99: pct(99), max: maxes.length ? Math.max(...maxes) : null };
   }
 
@@ -442,7 +463,7 @@
       container.replaceChildren(f.svg);
     }
     // Per-worker table, worst p99 first.
-    const p99s = doc.workers.map((w) => w.queue_wait_us.p99).filter((x) => x !== null).sort((a, b) => a - b);
+    const p99s = doc.workers.map((w) => w.queue_wait_us.p99).filter(isNum).sort((a, b) => a - b);
     const medianP99 = p99s.length ? p99s[Math.floor(p99s.length / 2)] : null;
     const rows = [...doc.workers].sort((a, b) =>
       (b.queue_wait_us.p99 ?? -1) - (a.queue_wait_us.p99 ?? -1) || a.pid - b.pid).map((w) => {
@@ -463,7 +484,7 @@
   function renderDepth(doc) {
     const container = $('depth-chart');
     // The deepest queues first: with SO_REUSEPORT there can be one listener per worker.
-    const listeners = [...doc.listeners].sort((a, b) => b.queue_depth.max - a.queue_depth.max || a.inode - b.inode);
+    const listeners = [...doc.listeners].sort((a, b) => (b.queue_depth.max || 0) - (a.queue_depth.max || 0) || a.inode - b.inode);
     const drawn = listeners.filter((l) => l.depth_history.length).slice(0, PALETTE.length);
     const color = new Map(drawn.map((l, i) => [l.inode, PALETTE[i]]));
     if (!drawn.length || drawn.every((l) => l.depth_history.length < 2)) {
@@ -492,8 +513,8 @@
       const q = l.queue_depth;
       return el('tr', { 'data-testid': 'listener-row', 'data-port': l.port, 'data-inode': l.inode },
         el('td', { class: 'lname' }, sw, listenerName(l)), el('td', { text: l.mode }), el('td', { text: l.pids.length }),
-        el('td', { text: fmtInt(l.accepts) }), el('td', { text: q.current }),
-        el('td', { class: q.max >= q.limit ? 'hot' : null, text: q.max }), el('td', { text: q.limit }));
+        el('td', { text: fmtInt(l.accepts) }), el('td', { text: orDash(q.current) }),
+        el('td', { class: nearLimit(q) ? 'hot' : null, text: orDash(q.max) }), el('td', { text: orDash(q.limit) }));
     });
     $('listener-table').replaceChildren(el('thead', {}, head), el('tbody', {}, ...rows));
   }
@@ -504,7 +525,8 @@
       ` · kernel ${doc.kernel} · accept-watch ${doc.tool_version} · ${doc.schema}`;
   }
 
-  function render(doc) {
+  function render(raw) {
+    const doc = normalize(raw);
     lastDoc = doc;
     const fair = fairness(doc);
     const sections = [
