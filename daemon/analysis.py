@@ -119,6 +119,10 @@ def classify(
     def verdict(pattern: str, confidence: str, sentence: str) -> Verdict:
         return Verdict(pattern, confidence, sentence, figures, cause, evidence)
 
+    if n == 1 and total == 0:
+        return verdict("not enough data", "low",
+                       "Not enough data: no process has accepted a connection on this port yet (one process, "
+                       f"pid {pids[0]}, waits on it).")
     if n == 1:
         others = (f"; {bystanders} other process{'es' if bystanders != 1 else ''} hold the socket without "
                   "waiting on it (they serve connections handed to them, or supervise)") if bystanders else ""
@@ -408,30 +412,19 @@ def _pid_map(raw: Any, where: str, kind: type) -> dict[int, Any]:
     return out
 
 
-def _epochs(entry: Mapping[str, Any]) -> tuple[list[tuple[list[int], int, list[float] | None]], int, float]:
-    epochs: list[tuple[list[int], int, list[float] | None]] = []
-    for e in entry.get("epochs") or []:
-        if (not isinstance(e, list | tuple) or len(e) not in (2, 3) or not isinstance(e[0], list)
-                or not all(isinstance(p, int) and not isinstance(p, bool) for p in e[0])
-                or isinstance(e[1], bool) or not isinstance(e[1], int) or e[1] < 0):
-            raise ValueError(f"analysis: fair_share epoch must be [[pids], transitions, [weights]]: {e!r}")
-        weights = None
-        if len(e) == 3:
-            w = e[2]
-            if (not isinstance(w, list) or len(w) != len(e[0]) or not all(
-                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and 0 < x <= 1
-                    for x in w)):
-                raise ValueError(f"analysis: fair_share epoch weights must be in (0, 1], got {w!r}")
-            weights = [float(x) for x in w]
-        epochs.append((list(e[0]), e[1], weights))
-    folded = entry.get("folded") or {}
-    if not isinstance(folded, Mapping):
-        folded = {}
-    fm, fq = folded.get("transitions", 0), folded.get("q_sum", 0.0)
-    if (isinstance(fm, bool) or not isinstance(fm, int) or isinstance(fq, bool)
-            or not isinstance(fq, int | float) or not math.isfinite(fq)):
-        raise ValueError("analysis: fair_share.folded must hold a transition count and a q sum")
-    return epochs, fm, float(fq)
+def _spans(entry: Mapping[str, Any], where: str) -> dict[int, tuple[float, float]]:
+    raw = entry.get("spans") or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"analysis: {where}.spans must be an object")
+    out: dict[int, tuple[float, float]] = {}
+    for k, v in raw.items():
+        if (not str(k).isdigit() or not isinstance(v, list | tuple) or len(v) != 2
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                           for x in v)
+                or v[0] > v[1]):
+            raise ValueError(f"analysis: {where}.spans[{k!r}] must be [first, last] seconds, got {v!r}")
+        out[int(k)] = (float(v[0]), float(v[1]))
+    return out
 
 
 def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None) -> dict[str, Any]:
@@ -531,9 +524,12 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
             keep |= {p for p in observed if observed[p]}
             counts = {p: observed.get(p, 0) for p in keep | (candidates - set(expected))}
             exp = {p: expected.get(p, 0.0) for p in counts}
-            epochs, fm, fq = _epochs(entry)
             live = entry.get("live_workers") if isinstance(entry.get("live_workers"), Mapping) else None
-            q = self_baseline(counts, exp, epochs, fm, fq)
+            successors: dict[int, int] = {}
+            for (prev, _cur), c in (trans or {}).items():
+                if prev:
+                    successors[prev] = successors.get(prev, 0) + c
+            q = self_baseline(counts, exp, _spans(entry, f"fair_share[{port}]"), successors)
             verdict = classify(counts, trans or ({} if trans is not None else None), expected=exp,
                                self_expected=q, live_workers=live, **common)
             for p, c in counts.items():

@@ -291,12 +291,13 @@ class Aggregator:
 
     def _apply_shares(self, snapshot: KernelSnapshot, topology: Topology, now: int) -> None:
         accepts: dict[tuple[int, int], int] = {}
-        spans: dict[int, tuple[int, int]] = {}
+        spans: dict[tuple[int, int], tuple[int, int]] = {}
         for wc in snapshot.workers:
-            accepts[(wc.pid, wc.port)] = accepts.get((wc.pid, wc.port), 0) + wc.accepts
+            key = (wc.pid, wc.port)
+            accepts[key] = accepts.get(key, 0) + wc.accepts
             if wc.accepts:
-                first, last = spans.get(wc.pid, (wc.first_ns, wc.last_ns))
-                spans[wc.pid] = (min(first, wc.first_ns), max(last, wc.last_ns))
+                first, last = spans.get(key, (wc.first_ns, wc.last_ns))
+                spans[key] = (min(first, wc.first_ns), max(last, wc.last_ns))
         by_port: dict[int, set[int]] = {}
         for lst in topology.listeners:
             by_port.setdefault(lst.port, set()).update(lst.pids)
@@ -308,7 +309,7 @@ class Aggregator:
         for port, pids in by_port.items():
             by_port[port] = {p for p in pids if p in self._workers and self._workers[p].role == "worker"}
         alive = {pid for pid, w in self._workers.items() if w.alive}
-        self._shares.update(accepts, snapshot.transitions, by_port, alive, now, spans)
+        self._shares.update(accepts, by_port, alive, now, spans)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():
@@ -609,7 +610,7 @@ class Aggregator:
             "workers": workers,
             "rate_history": [[t, dict(c)] for t, c in self._rate_history],
             "transitions": transitions,
-            "fair_share": self._shares.to_doc(),
+            "fair_share": self._shares.to_doc(self.clock.rel_s),
             "masters": self._masters.to_doc(),
             "analysis": {},
         }

@@ -121,9 +121,8 @@ class PortShares(_Open):
     expected: dict[str, float]
     observed: dict[str, int]
     live_workers: LiveWorkers
-    epochs: list[list[Any]] = Field(
-        description="[live pids, consecutive-accept pairs seen, [fraction of the interval each was live]]")
-    folded: dict[str, float]
+    spans: dict[str, tuple[float, float]] = Field(
+        description="pid -> [first, last] accept on this port, seconds since the start")
 
 
 class Master(_Open):
