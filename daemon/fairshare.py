@@ -85,7 +85,11 @@ class PortShares:
 
 def _overlap(steady: int, spans: Iterable[tuple[int, int]], start_ns: int, end_ns: int) -> tuple[float, int]:
     """Time-averaged and peak number of live workers over [start_ns, end_ns]: `steady` all along,
-    plus one per span while it lasts."""
+    plus one per span while it lasts. With no steady worker, over the spans' own extent only (a
+    burst of load between two idle stretches is when anyone was seen live)."""
+    spans = list(spans)
+    if not steady and spans:
+        start_ns, end_ns = min(a for a, _ in spans), max(b for _, b in spans)
     edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], -e[1]))
     live = peak = steady
     last, area = start_ns, 0.0
@@ -150,11 +154,12 @@ def self_baseline(observed: Mapping[int, int], expected: Mapping[int, float],
 class ShareTracker:
     """Turns cumulative per-(pid, port) kernel counters into PortShares, one interval per update."""
 
-    def __init__(self, start_ns: int | None = None) -> None:
+    def __init__(self, start_ns: int | None = None, alive: Iterable[int] | None = None) -> None:
+        """start_ns, alive: when counting starts and who is alive then (else: the first update)."""
         self.ports: dict[int, PortShares] = {}
         self.spans: dict[int, dict[int, tuple[int, int]]] = {}  # port -> pid -> (first, last) accept ns
         self._accepts: dict[tuple[int, int], int] = {}
-        self._alive: frozenset[int] | None = None
+        self._alive: frozenset[int] | None = frozenset(alive) if alive is not None else None
         self._last_ns = start_ns
 
     def update(self, accepts: Mapping[tuple[int, int], int], workers_by_port: Mapping[int, Iterable[int]],

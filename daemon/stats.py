@@ -173,10 +173,11 @@ class Aggregator:
         self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._roles: dict[int, str] = {}
         self._alive_now: set[int] | None = None
-        self._shares = ShareTracker(self.clock.start_mono)
+        self._shares = ShareTracker(self.clock.start_mono, topology.processes)
         self._masters = Masters()
         self._apply_topology(topology, self.clock.start_mono)
         self._apply_listeners(topology, self.clock.start_mono)
+        self._masters.update(topology, self._workers_roles(), None, iso_utc(self.clock.start_wall))
 
     # -- inputs ----------------------------------------------------------------------------------
     def set_analysis_hook(self, fn: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
