@@ -204,15 +204,21 @@ def test_gunicorn_wait_modes(tmp_path: Path, worker_class: str, mode: str) -> No
     _assert_report_reproduces(tmp_path / "export.json", doc)
 
 
-def test_asyncio_worker_serving_in_parallel_is_not_queueing(tmp_path: Path) -> None:
-    """Many connections in flight in an event loop that awaits: served in parallel, nothing waits."""
-    n, clients, work_ms = 24, 8, 300
-    with start_mp_server("asyncio", workers=1, work_ms=work_ms) as srv:
+def _asyncio(mode: str, tmp_path: Path, n: int, clients: int, work_ms: int) -> tuple[dict, int, dict]:
+    """A one-process asyncio server under `clients` concurrent clients: export, pid, its in-flight."""
+    with start_mp_server(mode, workers=1, work_ms=work_ms) as srv:
         pid = srv.pid
         doc, truth, _ = _run(srv, tmp_path, n, concurrency=clients)
     _assert_exact(doc, truth, n)
     (worker,) = [w for w in doc["workers"] if w["accepts"]]
-    inf = worker["inflight"]
+    assert worker["pid"] == pid
+    return doc, pid, worker["inflight"]
+
+
+def test_asyncio_worker_serving_in_parallel_is_not_queueing(tmp_path: Path) -> None:
+    """Many connections in flight in an event loop that awaits: served in parallel, nothing waits."""
+    n, clients, work_ms = 24, 8, 300
+    doc, pid, inf = _asyncio("asyncio", tmp_path, n, clients, work_ms)
     # Each handler holds its connection >= 300 ms while the loop accepts the other clients' connections.
     assert 4 <= inf["max"] <= clients, inf
     assert 0 < inf["busy_accepts"] <= n - 1, inf
@@ -225,14 +231,7 @@ def test_asyncio_worker_serving_in_parallel_is_not_queueing(tmp_path: Path) -> N
 
 def test_asyncio_worker_blocked_in_its_handler_is_flagged(tmp_path: Path) -> None:
     """time.sleep() in an async handler: the loop stalls while accepted connections wait."""
-    n, clients, work_ms = 24, 8, 300
-    with start_mp_server("asyncio-blocking", workers=1, work_ms=work_ms) as srv:
-        pid = srv.pid
-        doc, truth, _ = _run(srv, tmp_path, n, concurrency=clients)
-    _assert_exact(doc, truth, n)
-    (worker,) = [w for w in doc["workers"] if w["accepts"]]
-    assert worker["pid"] == pid
-    inf = worker["inflight"]
+    doc, pid, inf = _asyncio("asyncio-blocking", tmp_path, 24, 8, 300)
     assert inf["busy_accepts"] >= 3 and inf["blocked_samples"] >= 2 and inf["blocked_max"] >= 2, inf
     (flag,) = [f for f in doc["analysis"]["flags"] if f["code"] == "inflight_queueing"]
     assert f"worker {pid}" in flag["message"] and f"up to {inf['blocked_max']}" in flag["message"], flag
