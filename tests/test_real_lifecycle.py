@@ -49,6 +49,7 @@ class Run:
     exit_code: int | None = 0  # accept-watch's, after our SIGINT
     stderr: str = ""
     booted: dict[int, int] = field(default_factory=dict)  # gunicorn: worker -> its master
+    known: gt.Lifetimes = field(default_factory=dict)  # from the workers present at start and end
 
 
 def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServer], None]) -> Run:
@@ -56,12 +57,14 @@ def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServe
     existed during the run and is gone at its end (accept-watch stopped first: its export was written
     while the survivors were still running)."""
     seen: set[int] = set(srv.masters) | set(srv.worker_pids())
+    initial, final = srv.worker_pids(), []
     watch = start_watch(srv.master_pid, tmp)
     watching: bool | None = None
     exited: set[int] = set()
     try:
         steps(srv)
         watching = watch.proc.poll() is None
+        final = srv.worker_pids()
         time.sleep(0.3)  # a worker recycled by its last request exits just after answering it
         seen |= set(srv.booted()) | set(srv.masters)
         exited = {p for p in seen if not alive(p)}  # gone before accept-watch's final export
@@ -72,7 +75,7 @@ def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServe
     # has its export (written at exit) for the other checks.
     return Run(watch.document(), srv.records(), srv.port, exited, list(srv.masters),
                watch_alive_after_master_exit=watching, booted=srv.booted(), exit_code=code,
-               stderr=watch.stderr())
+               stderr=watch.stderr(), known=gt.from_membership(initial, final))
 
 
 def _max_requests(tmp: Path) -> Run:
@@ -148,13 +151,14 @@ def _nginx_reload(tmp: Path) -> Run:
         v.load(srv.port, 120, 2)
         bg = v.Background(srv.port, 150, 2)
         state["new"] = srv.reload()
+        state["final"] = srv.worker_pids()
         bg.join()
         v.load(srv.port, 120, 2)
 
     doc, _ = v.watch_during(srv, tmp, action)
     # nginx's own spread (EPOLLEXCLUSIVE wake-ups) may be uneven: the verdict is judged against the log.
     return Run(doc, srv.records(), srv.port, set(first), [srv.master_pid], max_live=2 * N,
-               even_expected=False)
+               even_expected=False, known=gt.from_membership(first, state.get("final", [])))
 
 
 SCENARIOS: dict[str, Callable[[Path], Run]] = {
@@ -202,11 +206,11 @@ def test_exited_processes_not_alive(run: Run) -> None:
 
 
 def test_replacement_is_not_concentration(run: Run) -> None:
-    s = gt.spread(gt.on_port(run.records, run.port))
+    s = gt.spread(gt.on_port(run.records, run.port), run.known)
     if run.even_expected:
         assert s.even() and not s.streaky(), f"the premise: the log shows an even, streak-free spread: {s}"
-    v.assert_no_replacement_blame(run.doc, run.records, run.port)
-    v.assert_verdict_matches_log(run.doc, run.records, run.port)
+    v.assert_no_replacement_blame(run.doc, run.records, run.port, run.known)
+    v.assert_verdict_matches_log(run.doc, run.records, run.port, known=run.known)
 
 
 def test_fairness_counts_live_workers(run: Run) -> None:
