@@ -11,6 +11,7 @@ accepted and never logged, and the counts must stay exact).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,12 +53,14 @@ class Run:
     known: gt.Lifetimes = field(default_factory=dict)  # from the workers present at start and end
 
 
-def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServer], None]) -> Run:
+def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServer], None],
+                  boots_known: bool = True) -> Run:
     """Watch `srv` from its first master while `steps` run; exited = every process of the server that
     existed during the run and is gone at its end (accept-watch stopped first: its export was written
     while the survivors were still running)."""
     seen: set[int] = set(srv.masters) | set(srv.worker_pids())
     initial, final = srv.worker_pids(), []
+    boots: dict[int, float] = {}
     watch = start_watch(srv.master_pid, tmp)
     watching: bool | None = None
     exited: set[int] = set()
@@ -65,6 +68,7 @@ def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServe
         steps(srv)
         watching = watch.proc.poll() is None
         final = srv.worker_pids()
+        boots = srv.boot_times()
         time.sleep(0.3)  # a worker recycled by its last request exits just after answering it
         seen |= set(srv.booted()) | set(srv.masters)
         exited = {p for p in seen if not alive(p)}  # gone before accept-watch's final export
@@ -73,16 +77,38 @@ def _gunicorn_run(srv: GunicornServer, tmp: Path, steps: Callable[[GunicornServe
         srv.close()
     # The exit code is judged by test_watch_ran_to_the_end: a scenario whose watcher died early still
     # has its export (written at exit) for the other checks.
-    return Run(watch.document(), srv.records(), srv.port, exited, list(srv.masters),
+    records = srv.records()
+    return Run(watch.document(), records, srv.port, exited, list(srv.masters),
                watch_alive_after_master_exit=watching, booted=srv.booted(), exit_code=code,
-               stderr=watch.stderr(), known=gt.from_membership(initial, final))
+               stderr=watch.stderr(), known=_known(initial, final, boots if boots_known else {}, records))
+
+
+def _known(initial: list[int], final: list[int], boots: dict[int, float],
+           records: list[gt.LogRecord]) -> gt.Lifetimes:
+    """Workers there at the start lived from the beginning, those there at the end until the end; the
+    others from their boot (post_worker_init) to their last record."""
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for r in records:
+        first.setdefault(r.pid, r.t)
+        last[r.pid] = r.t
+    known: dict[int, tuple[float, float]] = {}
+    for pid in set(initial) | set(final) | set(boots) | set(first):
+        lo = -math.inf if pid in initial else boots.get(pid, first.get(pid, math.inf))
+        hi = math.inf if pid in final else last.get(pid, lo)
+        if lo <= hi:  # a worker that booted and left without a record was never seen live: left out
+            known[pid] = (lo, hi)
+    return known
 
 
 def _max_requests(tmp: Path) -> Run:
     def steps(s: GunicornServer) -> None:
         v.load(s.port, 400, C)
 
-    return _gunicorn_run(start_gunicorn_server(N, max_requests=50, sleep_ms=SLEEP_MS), tmp, steps)
+    # All workers reach 50 together and are replaced together: their boots leave moments with one or two
+    # workers up, so a worker's life is taken from its first to its last record (as the brief's default).
+    return _gunicorn_run(start_gunicorn_server(N, max_requests=50, sleep_ms=SLEEP_MS), tmp, steps,
+                         boots_known=False)
 
 
 def _hup(tmp: Path) -> Run:
