@@ -81,6 +81,18 @@ def always(pids: Sequence[int]) -> dict[int, tuple[float, float]]:
     return {pid: (-math.inf, math.inf) for pid in pids}
 
 
+def from_membership(initial: Sequence[int], final: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """Lifetimes known from who was there at the start and at the end of the log: a worker present at
+    the start was alive from the beginning, one present at the end until the end. Merged with the records
+    by lifetimes(): the others live from their first to their last record."""
+    out: dict[int, tuple[float, float]] = {}
+    for pid in set(initial) | set(final):
+        lo = -math.inf if pid in initial else math.inf  # inf: "from its first record" once merged
+        hi = math.inf if pid in final else -math.inf  # -inf: "until its last record" once merged
+        out[pid] = (lo, hi)  # never (inf, -inf): the pid is in one of the two
+    return out
+
+
 def alive_at(life: Lifetimes, t: float) -> frozenset[int]:
     return frozenset(pid for pid, (lo, hi) in life.items() if lo <= t <= hi)
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,6 +85,17 @@ class GunicornServer:
 
     def records(self) -> list[LogRecord]:
         return to_log_records(self.srv.records(), self.port)
+
+    def boot_times(self) -> dict[int, float]:
+        """When each worker finished booting (its post_worker_init marker), in the records' clock
+        (CLOCK_MONOTONIC seconds): the marker's mtime is CLOCK_REALTIME, shifted by the current offset
+        between the two clocks. Read while the server's files exist."""
+        offset_ns = time.time_ns() - time.monotonic_ns()
+        out: dict[int, float] = {}
+        for path in self.srv.ready_dir.iterdir():
+            if path.name.isdigit():
+                out[int(path.name)] = (path.stat().st_mtime_ns - offset_ns) / 1e9
+        return out
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

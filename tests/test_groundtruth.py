@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.groundtruth import (
@@ -9,6 +11,7 @@ from tests.groundtruth import (
     expected_self_rate,
     fair_expected,
     lifetimes,
+    live_counts,
     live_fair_ratios,
     live_summary,
     per_pid,
@@ -102,3 +105,15 @@ def test_always_alive_workers_count_even_when_idle() -> None:
     assert s.workers == 4 and s.single_acceptor and not s.even()
     assert s.self_expected == pytest.approx(0.25) and s.self_rate == 1.0 and s.streaky()
     assert not spread(rs).even(), "one worker alone is not an even spread"
+
+
+def test_membership_at_start_and_end_bounds_lifetimes() -> None:
+    from tests.groundtruth import from_membership
+
+    # 1 and 2 serve throughout; 3 leaves after t=3; 4 arrives at t=4 (its first record).
+    rs = recs([1, 3, 2, 3, 1, 4, 2, 4, 1])
+    life = lifetimes(rs, from_membership([1, 2, 3], [1, 2, 4]))
+    assert life[1] == (-math.inf, math.inf) and life[2] == (-math.inf, math.inf)
+    assert life[3] == (-math.inf, 3.0) and life[4] == (5.0, math.inf)
+    # At t=4 the leaver is gone and the newcomer not seen yet: a gap of one.
+    assert live_counts(rs, life) == [3, 3, 3, 3, 2, 3, 3, 3, 3]
