@@ -375,7 +375,7 @@ def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100,
     out += ["", st.bold(f"listeners ({len(doc['listeners'])})")]
     for lst in doc["listeners"]:
         qd = lst["queue_depth"]
-        addr = str(lst["address"])
+        addr = str(lst.get("address") or "?")
         endpoint = f"[{addr}]:{lst['port']}" if ":" in addr else f"{addr}:{lst['port']}"
         near = qd.get("max") is not None and bool(qd.get("limit")) and qd["max"] >= 0.9 * qd["limit"]
         queue = f"queue max {_n(qd.get('max'))} / limit {_n(qd.get('limit'))} (now {_n(qd.get('current'))})"

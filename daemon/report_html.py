@@ -651,7 +651,7 @@ def listener_table(listeners: Sequence[Mapping[str, Any]]) -> str:
         q = lst.get("queue_depth") or {}
         mx, limit = q.get("max"), q.get("limit")
         near = mx is not None and bool(limit) and mx >= 0.9 * limit
-        addr = str(lst.get("address", "?"))
+        addr = str(lst.get("address") or "?")
         endpoint = f"[{addr}]:{lst.get('port')}" if ":" in addr else f"{addr}:{lst.get('port')}"
         closed = "" if lst.get("open", True) else " (closed)"
         rows.append(

@@ -94,8 +94,8 @@ class _Worker:
 @dataclass(slots=True)
 class _ListenerState:
     inode: int
-    family: str
-    address: str
+    family: str | None  # None: seen only by the kernel (opened and closed between two scans)
+    address: str | None
     port: int
     pids: list[int]
     mode: str
@@ -437,7 +437,7 @@ class Aggregator:
                 # Counted by the kernel but never seen by discovery (opened and closed between two
                 # refreshes): still listed, so per-listener accepts add up.
                 self._listeners[lc.inode] = _ListenerState(
-                    lc.inode, "?", "?", lc.port, [], "unknown", False, closed_ns=now,
+                    lc.inode, None, None, lc.port, [], "unknown", False, closed_ns=now,
                     history=deque(maxlen=self._history_points),
                 )
         t = round(self.clock.rel_s(now), 3)

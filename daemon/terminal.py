@@ -64,7 +64,7 @@ def fmt_us(us: float | None) -> str:
 
 
 def _endpoint(lst: dict[str, Any]) -> str:
-    addr = str(lst.get("address", "?"))
+    addr = str(lst.get("address") or "?")
     return f"[{addr}]:{lst.get('port')}" if ":" in addr else f"{addr}:{lst.get('port')}"
 
 

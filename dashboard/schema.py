@@ -27,11 +27,13 @@ class QueueDepth(_Open):
 
 
 class Listener(_Open):
-    address: str
+    address: str | None = Field(description="null for a listener seen only by the kernel")
     port: int
-    family: Literal["ipv4", "ipv6"]
+    family: Literal["ipv4", "ipv6"] | None = Field(description="null for a listener seen only by the kernel")
     inode: int
-    mode: Literal["shared", "reuseport", "single"]
+    mode: Literal["shared", "reuseport", "single", "unknown"] = Field(
+        description="'unknown': the kernel counted accepts on it, but it was opened and closed between "
+        "two scans of the server's sockets")
     pids: list[int] = Field(description="processes holding this listening socket")
     accepts: int
     queue_depth: QueueDepth
