@@ -97,7 +97,8 @@
   // The fair share is 1/n over the processes competing for connections: live workers (exited ones
   // no longer compete), falling back to every worker, then to every process, once none is alive.
   function contenders(workers) {
-    const ws = workers.filter((w) => w.role === 'worker');
+    // The rule of the terminal view (daemon/terminal.py competing()): masters and helpers never compete.
+    const ws = workers.filter((w) => w.role === 'worker' || w.accepts > 0);
     const pool = ws.length ? ws : workers;
     const alive = pool.filter((w) => w.alive);
     return alive.length ? alive : pool;
@@ -174,6 +175,23 @@
     node.classList.toggle('bad', Boolean(bad));
   }
 
+  // The daemon's analysis is the answer; the page's own figures are only a fallback for a document
+  // without one (a stream from before the first analysis).
+  function fromAnalysis(doc, fair) {
+    const a = doc.analysis || {};
+    const v = a.verdict;
+    const f = a.fairness;
+    if (!v || !f) return fair;
+    const fig = v.figures || {};
+    const top = doc.workers.find((w) => w.pid === fig.top_pid) || fair.top;
+    return Object.assign({}, fair, {
+      top,
+      ratio: typeof f.max_mean_ratio === 'number' ? f.max_mean_ratio : null,
+      jain: typeof f.jain === 'number' ? f.jain : null,
+      skewed: v.pattern === 'concentrated' || v.pattern === 'single-acceptor',
+    });
+  }
+
   function renderTiles(doc, fair) {
     setBig('total', doc.total_accepts, false);
     setBig('lost', doc.lost_events, doc.lost_events > 0);
@@ -185,7 +203,7 @@
     sentence.textContent = verdict || fair.sentence;
     sentence.dataset.source = verdict ? 'analysis' : 'page';
     sentence.classList.toggle('skewed', fair.skewed);
-    $('fairness-figure').textContent = fair.ratio === null ? ''
+    $('fairness-figure').textContent = fair.ratio === null || fair.jain === null ? ''
       : `busiest ${fair.ratio.toFixed(1)}× fair share · Jain index ${fair.jain.toFixed(2)}`;
   }
 
@@ -528,7 +546,7 @@
   function render(raw) {
     const doc = normalize(raw);
     lastDoc = doc;
-    const fair = fairness(doc);
+    const fair = fromAnalysis(doc, fairness(doc));
     const sections = [
       () => renderHeader(doc), () => renderLoss(doc), () => renderTiles(doc, fair), () => renderListeners(doc),
       () => renderBars(doc, fair), () => renderRate(doc), () => renderWait(doc), () => renderDepth(doc),
