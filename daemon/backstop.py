@@ -18,12 +18,10 @@ from accept_watch.probes.records import ProbeKind
 
 from . import waitmode
 
-ACCEPT_SYSCALLS = frozenset({"accept", "accept4"})
-
 
 def _accept_nrs(table: dict[int, str] | None) -> set[int]:
     table = table if table is not None else waitmode.syscall_table()
-    return {nr for nr, name in table.items() if name in ACCEPT_SYSCALLS}
+    return {nr for nr, name in table.items() if name in waitmode.ACCEPT_SYSCALL_NAMES}
 
 
 def _might_be_in_accept(st: waitmode.SyscallState, accept_nrs: set[int]) -> bool:

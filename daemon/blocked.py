@@ -18,11 +18,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from .waitmode import SyscallState, read_task_states, syscall_table
+from .waitmode import WAITING_SYSCALL_NAMES, SyscallState, read_task_states, syscall_table
 
 LOOK_GAP_S = 0.05
-_WAITS = {"accept", "accept4", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select",
-          "pselect6", "io_uring_enter"}
 
 
 def _blocked_elsewhere(states: dict[int, SyscallState], table: dict[int, str]) -> bool:
@@ -32,7 +30,7 @@ def _blocked_elsewhere(states: dict[int, SyscallState], table: dict[int, str]) -
     for st in states.values():
         if st.running:
             return False
-        if st.nr is not None and st.nr >= 0 and table.get(st.nr) in _WAITS:
+        if st.nr is not None and st.nr >= 0 and table.get(st.nr) in WAITING_SYSCALL_NAMES:
             return False
     return True
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from accept_watch.daemon import waitmode
 from accept_watch.daemon.loadgen import LoadGenerator, LoadStats
 
 WORKER_CLASSES: dict[str, str] = {
@@ -33,22 +33,6 @@ WORKER_CLASSES: dict[str, str] = {
     # uvicorn (0.54 here) still ships its gunicorn worker; it warns that the separate uvicorn-worker
     # package is the future home. The class is the same either way.
     "uvicorn": "uvicorn.workers.UvicornWorker",
-}
-
-# Syscalls an idle worker sits in when it is ready for connections: the sync worker select()s on the
-# listener, the uvicorn worker epoll_wait()s, a plain blocking server is in accept()/accept4().
-WAITING_SYSCALLS: dict[str, dict[int, str]] = {
-    "x86_64": {
-        7: "poll", 23: "select", 43: "accept", 232: "epoll_wait", 270: "pselect6", 271: "ppoll",
-        281: "epoll_pwait", 288: "accept4", 441: "epoll_pwait2",
-    },
-    "aarch64": {
-        22: "epoll_pwait", 72: "pselect6", 73: "ppoll", 202: "accept", 242: "accept4", 441: "epoll_pwait2",
-    },
-}
-ACCEPT_SYSCALLS: dict[str, frozenset[int]] = {
-    "x86_64": frozenset({43, 288}),
-    "aarch64": frozenset({202, 242}),
 }
 
 # Exec shim: the child asks the kernel to SIGTERM it if its parent thread dies (even by SIGKILL), then
@@ -69,25 +53,27 @@ def current_syscall(pid: int) -> int | None:
     """The syscall number `pid` is blocked in (from /proc/PID/syscall), None if running or unknown."""
     try:
         with open(f"/proc/{pid}/syscall") as f:
-            fields = f.read().split(maxsplit=1)
-    except OSError:
+            state = waitmode.parse_syscall(f.read())
+    except (OSError, ValueError):
         return None
-    # "running" while on a CPU; "-1 ..." when blocked outside a syscall
-    return int(fields[0]) if fields and fields[0].lstrip("-").isdigit() else None
+    return state.nr if state.nr is not None and state.nr >= 0 else None
 
 
 def waiting_syscalls() -> dict[int, str]:
-    machine = platform.machine()
-    if machine not in WAITING_SYSCALLS:
-        raise RuntimeError(f"no syscall table for architecture {machine!r} (known: x86_64, aarch64)")
-    return WAITING_SYSCALLS[machine]
+    """Syscalls an idle worker sits in when it is ready for connections: the sync worker select()s on
+    the listener, the uvicorn worker epoll_wait()s, a plain blocking server is in accept()/accept4()."""
+    return {nr: name for nr, name in _table().items() if name in waitmode.WAITING_SYSCALL_NAMES}
 
 
 def accept_syscalls() -> frozenset[int]:
-    machine = platform.machine()
-    if machine not in ACCEPT_SYSCALLS:
-        raise RuntimeError(f"no syscall table for architecture {machine!r} (known: x86_64, aarch64)")
-    return ACCEPT_SYSCALLS[machine]
+    return frozenset(nr for nr, name in _table().items() if name in waitmode.ACCEPT_SYSCALL_NAMES)
+
+
+def _table() -> dict[int, str]:
+    try:
+        return waitmode.syscall_table()
+    except NotImplementedError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def spawn_with_pdeathsig(argv: Sequence[str], **popen_kwargs: object) -> subprocess.Popen[bytes]:

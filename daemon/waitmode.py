@@ -71,6 +71,12 @@ _SYSCALLS: dict[str, dict[int, str]] = {
     },
 }
 
+# Where a thread sits while it waits for connections or readiness (any fd): an idle worker, an event
+# loop between callbacks. The demo, the test servers and daemon/blocked.py share this list.
+WAITING_SYSCALL_NAMES = frozenset({"accept", "accept4", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll",
+                                   "ppoll", "select", "pselect6", "io_uring_enter"})
+ACCEPT_SYSCALL_NAMES = frozenset({"accept", "accept4"})
+
 # Syscall name -> wait category. The order of _CATEGORY_ORDER breaks ties inside one sample: a thread in
 # accept() is the most direct evidence of how connections are taken.
 _CATEGORY = {
