@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from accept_watch.probes.histogram import nearest_rank, span_mid
+
 from .analysis import MATERIAL_SHARE, inflight_flagged
 from .terminal import competing, fmt_duration
 
@@ -439,17 +441,9 @@ def merged_wait_buckets(workers: Iterable[Mapping[str, Any]]) -> dict[tuple[int,
 
 
 def bucket_percentile(buckets: Mapping[tuple[int, int], int], q: float) -> float | None:
-    """Nearest-rank percentile at the bucket midpoint (as probes.histogram.percentile), in ns."""
-    total = sum(buckets.values())
-    if total <= 0:
-        return None
-    rank = max(1, math.ceil(total * q / 100))
-    seen = 0
-    for low, high in sorted(buckets):
-        seen += buckets[(low, high)]
-        if seen >= rank:
-            break
-    return (low + high - 1) / 2 if high - low > 1 else float(low)
+    """Nearest-rank percentile at the bucket midpoint (probes.histogram's rule), in ns."""
+    key = nearest_rank(buckets, q)
+    return None if key is None else span_mid(*key)
 
 
 def log_bins(buckets: Mapping[tuple[int, int], int]) -> dict[int, float]:

@@ -580,7 +580,7 @@ class Aggregator:
         workers = [self._worker_doc(w, total, rates.get(pid, {})) for pid, w in sorted(self._workers.items())]
         listeners = [
             self._listener_doc(st)
-            for st in sorted(self._listeners.values(), key=lambda s: (s.port, s.family, s.address, s.inode))
+            for st in sorted(self._listeners.values(), key=lambda s: (s.port, s.family or "", s.address or "", s.inode))
         ]
         transitions, omitted = self._transitions_doc()
         diagnostics: dict[str, int] = {c.name.lower(): int(self._diag.get(c, 0)) for c in Counter}

@@ -12,6 +12,9 @@ within ~3.2 % of the true sample. The C side is generated from these constants.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
+
+K = TypeVar("K", int, tuple[int, int])
 
 SUB_BITS = 4
 SUB_BUCKETS = 1 << SUB_BITS
@@ -42,23 +45,35 @@ def bucket_bounds(index: int) -> tuple[int, int]:
     return low, low + width
 
 
-def bucket_mid(index: int) -> float:
-    low, high = bucket_bounds(index)
+def span_mid(low: int, high: int) -> float:
+    """Where a [low, high) ns bucket is reported: its midpoint (the exact value for 1-ns buckets)."""
     return (low + high - 1) / 2 if high - low > 1 else float(low)
 
 
-def percentile(buckets: Mapping[int, int], q: float) -> float | None:
-    """q in [0, 100]; None when empty. Nearest-rank over buckets, reported at the bucket midpoint."""
+def bucket_mid(index: int) -> float:
+    return span_mid(*bucket_bounds(index))
+
+
+def nearest_rank(buckets: Mapping[K, int], q: float) -> K | None:
+    """The bucket (key, in sorted order) holding the q-th percentile (q in [0, 100]) by nearest rank;
+    None when empty. Shared by the live figures (keys: bucket indices) and the report (keys: the
+    exported [low, high) bounds)."""
     total = sum(buckets.values())
     if total <= 0:
         return None
     rank = max(1, -(-total * q // 100))  # ceil(total * q / 100), at least the first sample
     seen = 0
-    for idx in sorted(buckets):
-        seen += buckets[idx]
+    for key in sorted(buckets):
+        seen += buckets[key]
         if seen >= rank:
-            return bucket_mid(idx)
-    return bucket_mid(max(buckets))
+            return key
+    return max(buckets)
+
+
+def percentile(buckets: Mapping[int, int], q: float) -> float | None:
+    """q in [0, 100]; None when empty. Nearest-rank over buckets, reported at the bucket midpoint."""
+    idx = nearest_rank(buckets, q)
+    return None if idx is None else bucket_mid(idx)
 
 
 def c_defines() -> dict[str, int]:
