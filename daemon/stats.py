@@ -578,7 +578,8 @@ class Aggregator:
         total = sum(w.accepts for w in self._workers.values()) + self._evicted_accepts
         rates = self._rates()
         workers = [self._worker_doc(w, total, rates.get(pid, {})) for pid, w in sorted(self._workers.items())]
-        order = sorted(self._listeners.values(), key=lambda s: (s.port, s.family or "", s.address or "", s.inode))
+        order = sorted(self._listeners.values(),
+                       key=lambda s: (s.port, s.family or "", s.address or "", s.inode))
         listeners = [self._listener_doc(st) for st in order]
         transitions, omitted = self._transitions_doc()
         diagnostics: dict[str, int] = {c.name.lower(): int(self._diag.get(c, 0)) for c in Counter}
