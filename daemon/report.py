@@ -28,7 +28,7 @@ from .export import ExportError, check_writable, write_text_atomic
 from .report_html import flag_messages, fmt_p, fmt_span, render_html
 from .safefile import kind, reason
 from .sanitize import clean, clean_doc
-from .terminal import competing, fmt_duration, fmt_us
+from .terminal import competing, fmt_duration, fmt_us, share_bar
 
 SCHEMA = "accept-watch/1"
 # Keys the daemon always writes and the report cannot do without.
@@ -318,14 +318,6 @@ def _n(v: int | None) -> str:
     return "-" if v is None else f"{v:,}"
 
 
-def _share_bar(share: float, top: float, fair: float | None, width: int) -> str:
-    filled = round(share / top * width) if top > 0 else 0
-    cells = ["#"] * filled + ["."] * (width - filled)
-    if fair is not None and top > 0 and fair <= top:
-        cells[min(width - 1, int(fair / top * width))] = "|"
-    return "".join(cells)
-
-
 def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100, ansi: bool = False,
             source: str | None = None) -> str:
     """The terminal report: header, verdict, figures, flags, listeners, per-worker table."""
@@ -408,7 +400,7 @@ def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100,
             inf = w.get("inflight") if isinstance(w.get("inflight"), dict) else {}
             line += f" {_n(inf.get('max')):>9} {_n(inf.get('busy_accepts')):>9}"
         if bar_w >= 8:
-            line += "  " + _share_bar(w["share"], top, fair_share, bar_w)
+            line += "  " + share_bar(w["share"], top, fair_share, bar_w)
         out.append(line)
     if not workers:
         out.append("  (no workers)")

@@ -76,7 +76,8 @@ def competing(workers: list[dict[str, Any]]) -> int:
     return len(alive) if alive else len(ws)
 
 
-def _bar(share: float, max_share: float, fair: float | None, width: int) -> str:
+def share_bar(share: float, max_share: float, fair: float | None, width: int) -> str:
+    """'####....|..': the share scaled to the largest one, '|' at the fair share (live view, report)."""
     if max_share <= 0:
         cells = ["."] * width
     else:
@@ -147,7 +148,7 @@ def _worker_line(
         pid=str(w.get("pid", "-")),
         accepts=f"{int(w.get('accepts') or 0):,}",
         share=f"{share * 100:.1f}%",
-        bar=_bar(share, max_share, fair, bar_w),
+        bar=share_bar(share, max_share, fair, bar_w),
         rate=f"{float(rate.get('1s') or 0):.1f}/{float(rate.get('10s') or 0):.1f}",
         p50=fmt_us(wait.get("p50")),
         p99=fmt_us(wait.get("p99")),
