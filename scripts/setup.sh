@@ -33,10 +33,9 @@ fi
 systemctl disable --now nginx >/dev/null 2>&1 || true
 # Likewise Debian's apache2 (:80): the tests run the binary with their own config in a temp dir.
 systemctl disable --now apache2 >/dev/null 2>&1 || true
-# Likewise Debian's prometheus (:9090, and its node exporter, pulled in as a recommendation elsewhere):
-# the tests run the binary with their own config and storage in a temp dir.
+# Likewise Debian's prometheus (:9090, scraping itself into /var/lib/prometheus): the tests run the
+# binary with their own config and storage in a temp dir, on a free loopback port.
 systemctl disable --now prometheus >/dev/null 2>&1 || true
-systemctl disable --now prometheus-node-exporter >/dev/null 2>&1 || true
 
 # --- Kernel headers for BCC's run-time compiler ------------------------------------------------
 # BCC compiles the BPF C at run time against kernel headers. Our programs read every kernel struct
