@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from accept_watch.daemon import discovery
 from accept_watch.daemon.loadgen import LoadGenerator
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import servers
 from tests.watcher import free_port, start_watch
@@ -177,3 +180,55 @@ def test_grafana_panels_against_a_real_prometheus(tmp_path: Path) -> None:
                     prom.wait()
             assert run.stop() == 0, run.stderr()
     assert time.monotonic() - started < 60
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("kernel_ok")
+def test_listen_drops_of_a_real_server_reach_metrics(tmp_path: Path) -> None:
+    """gunicorn with listen(1) and one worker busy 3 s per request; 20 clients at once: the kernel
+    drops every SYN the full queue cannot take, and /metrics shows the listener's sk_drops."""
+    n = 20
+    web = free_port()
+    with servers.start_gunicorn(workers=1, sleep_ms=3000, extra_args=["--backlog", "1"]) as srv:
+        run = start_watch(srv.master_pid, tmp_path, dashboard=f"127.0.0.1:{web}")
+        clients = []
+        try:
+            deadline = time.monotonic() + 5
+            before = None
+            while before is None and time.monotonic() < deadline:  # until the first counter read
+                before = _metric(_get(f"http://127.0.0.1:{web}/metrics"), "accept_watch_listen_drops_total",
+                                 port=str(srv.port))
+                time.sleep(0.1)
+            assert before == 0
+            for _ in range(n):
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", srv.port))
+                clients.append(c)
+            deadline = time.monotonic() + 10
+            drops = 0.0
+            while time.monotonic() < deadline:
+                drops = _metric(_get(f"http://127.0.0.1:{web}/metrics"), "accept_watch_listen_drops_total",
+                                port=str(srv.port)) or 0.0
+                if drops >= n - 3:  # the queue holds 2, the worker took at most 1
+                    break
+                time.sleep(0.2)
+            out = subprocess.run(["ss", "-Hltnem", "-4", f"sport = :{srv.port}"], capture_output=True,
+                                 text=True, check=True).stdout
+            limit = _metric(_get(f"http://127.0.0.1:{web}/metrics"), "accept_watch_listen_queue_limit",
+                            port=str(srv.port))
+        finally:
+            for c in clients:
+                c.close()
+            assert run.stop() == 0, run.stderr()
+    (row,) = discovery.parse_ss_listeners(out, "ipv4")
+    assert n - 3 <= drops <= (row.drops or 0), (drops, out)  # ss read later: retransmits may add more
+    assert limit in (None, 1)  # listen(1) as the kernel applies it (null until the first accept is seen)
