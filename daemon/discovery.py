@@ -9,6 +9,7 @@ group of separate sockets on the same port.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -82,6 +83,7 @@ class TcpRow:
     state: int
     rx_queue: int  # for LISTEN rows: sk_ack_backlog, the accept-queue length
     inode: int
+    drops: int | None = None  # sk_drops (sock_diag or `ss -m`); /proc/net/tcp does not show it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,12 +134,26 @@ def _ss_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ss_drops(fields: list[str]) -> int | None:
+    """d<N> of `ss -m`'s skmem:(r0,rb..,d<N>) field: the socket's sk_drops; None when absent."""
+    for f in fields:
+        if f.startswith("skmem:(") and f.endswith(")"):
+            for item in f[7:-1].split(","):
+                if item[:1] == "d" and item[1:].isdigit():
+                    return int(item[1:])
+    return None
+
+
 def parse_ss_listeners(text: str, family: str) -> list[TcpRow]:
-    """`ss -Hltne` lines: State Recv-Q Send-Q Local Peer ... ino:N ...; for LISTEN sockets Recv-Q is
-    the accept-queue length."""
+    """`ss -Hltne` (or -Hltnem) lines: State Recv-Q Send-Q Local Peer ... ino:N ... [skmem:(...)]; for
+    LISTEN sockets Recv-Q is the accept-queue length. ss prints skmem on a line of its own after the
+    socket's line (a continuation starting with whitespace)."""
     rows: list[TcpRow] = []
     for line in text.splitlines():
         fields = line.split()
+        if rows and line[:1].isspace() and (drops := _ss_drops(fields)) is not None:
+            rows[-1] = dataclasses.replace(rows[-1], drops=drops)
+            continue
         if len(fields) < 5 or fields[0] != "LISTEN":
             continue
         inode = next((int(f[4:]) for f in fields[5:] if f.startswith("ino:")), None)
@@ -147,7 +163,7 @@ def parse_ss_listeners(text: str, family: str) -> list[TcpRow]:
         if host == "*":
             host = "0.0.0.0" if family == "ipv4" else "::"
         rows.append(TcpRow(family=family, address=host, port=port, state=TCP_LISTEN,
-                           rx_queue=int(fields[1]), inode=inode))
+                           rx_queue=int(fields[1]), inode=inode, drops=_ss_drops(fields)))
     return rows
 
 
@@ -183,13 +199,13 @@ def _read_listen_rows(pid: int) -> list[TcpRow]:
         if not os.path.exists(f"/proc/{pid}"):
             raise DiscoveryError(f"no process with pid {pid}")
         return [TcpRow(family=lst.family, address=lst.address, port=lst.port, state=TCP_LISTEN,
-                       rx_queue=lst.accept_queue, inode=lst.inode) for lst in found]
+                       rx_queue=lst.accept_queue, inode=lst.inode, drops=lst.drops) for lst in found]
     if not shutil.which("ss"):
         return _read_listen_rows_proc(pid)
     prefix = ["nsenter", f"--net=/proc/{pid}/ns/net"]
     rows: list[TcpRow] = []
     for flag, family in (("-4", "ipv4"), ("-6", "ipv6")):
-        proc = subprocess.run([*prefix, "ss", "-Hltne", flag], capture_output=True, text=True, timeout=10)
+        proc = subprocess.run([*prefix, "ss", "-Hltnem", flag], capture_output=True, text=True, timeout=10)
         if proc.returncode != 0:
             if not os.path.exists(f"/proc/{pid}"):
                 raise DiscoveryError(f"no process with pid {pid}")
@@ -219,14 +235,30 @@ def _read_listen_rows_proc(pid: int) -> list[TcpRow]:
     return rows
 
 
-def read_listen_depths(pid: int, inodes: Iterable[int]) -> dict[int, int]:
-    """Current accept-queue length of each listening socket, read in pid's network namespace.
+class ListenDepths(dict[int, int]):
+    """inode -> accept-queue length, as before; `drops` carries, from the same read, inode -> the
+    listener's sk_drops where the kernel showed it (a dict subclass so that callers that only want
+    depths need no change)."""
+
+    __slots__ = ("drops",)
+
+    def __init__(self, depths: Mapping[int, int] | None = None,
+                 drops: Mapping[int, int] | None = None) -> None:
+        super().__init__(depths or {})
+        self.drops: dict[int, int] = dict(drops or {})
+
+
+def read_listen_depths(pid: int, inodes: Iterable[int]) -> ListenDepths:
+    """Current accept-queue length (and sk_drops, in `.drops`) of each listening socket, read in pid's
+    network namespace.
 
     Inodes that are no longer listening are absent from the result (not reported as 0).
     Raises DiscoveryError when pid no longer exists.
     """
     wanted = set(inodes)
-    return {r.inode: r.rx_queue for r in _read_listen_rows(pid) if r.inode in wanted}
+    rows = [r for r in _read_listen_rows(pid) if r.inode in wanted]
+    return ListenDepths({r.inode: r.rx_queue for r in rows},
+                        {r.inode: r.drops for r in rows if r.drops is not None})
 
 
 # ---------------------------------------------------------------------------------------------------

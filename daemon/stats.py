@@ -103,6 +103,7 @@ class _ListenerState:
     closed_ns: int | None = None
     depth_current: int | None = None
     depth_sampled_max: int | None = None
+    drops: int | None = None  # sk_drops: SYNs/handshakes dropped on a full queue (None: not shown)
     history: deque[list[float]] = field(default_factory=deque)
 
 
@@ -159,6 +160,9 @@ class Aggregator:
         self._evicted: dict[int, _Raw] = {}
         self._evicted_accepts = 0
         self._evicted_workers = 0
+        # Queue waits of evicted workers, kept so that totals over all workers never go down (a
+        # Prometheus histogram is a counter): bucket -> count, and the exact count and sum.
+        self._evicted_wait: tuple[dict[int, int], list[int]] = ({}, [0, 0])
         self._listeners: dict[int, _ListenerState] = {}
         self._kernel_listeners: dict[int, ListenerCounters] = {}
         self._transitions: dict[tuple[int, int, int], int] = {}
@@ -279,6 +283,11 @@ class Aggregator:
         self._shares.fold(w.pid)
         self._evicted[w.pid] = w.raw
         self._evicted_accepts += w.accepts
+        hist, sums = self._evicted_wait
+        for k, v in w.wait_hist().items():
+            hist[k] = hist.get(k, 0) + v
+        sums[0] += max(0, w.raw.wait_count - w.base.wait_count)
+        sums[1] += max(0, w.raw.wait_sum_ns - w.base.wait_sum_ns)
         self._evicted_workers += 1
         del self._workers[w.pid]
 
@@ -441,10 +450,12 @@ class Aggregator:
                     history=deque(maxlen=self._history_points),
                 )
         t = round(self.clock.rel_s(now), 3)
+        drops = depths.drops if isinstance(depths, discovery.ListenDepths) else {}
         for inode, st in self._listeners.items():
             d = depths.get(inode)
             if not st.open:
                 continue
+            st.drops = drops.get(inode, st.drops)
             st.depth_current = d
             if d is None:
                 continue
@@ -561,6 +572,7 @@ class Aggregator:
             "open": st.open,
             "accepts": lc.accepts if lc is not None else 0,
             "queue_depth": depth,
+            "drops": st.drops,
             "depth_history": [list(p) for p in st.history],
         }
 
@@ -606,6 +618,11 @@ class Aggregator:
             "lost_events": int(self._diag.get(Counter.EVENTS_LOST, 0)),
             "unattributed": int(sum(self._diag.get(c, 0) for c in LOSS_COUNTERS)),
             "diagnostics": diagnostics,
+            "evicted_queue_wait": {
+                "hist": [[*bucket_bounds(i), c] for i, c in sorted(self._evicted_wait[0].items())],
+                "count": self._evicted_wait[1][0],
+                "sum_us": round(self._evicted_wait[1][1] / 1000, 3),
+            },
             "listeners": listeners,
             "workers": workers,
             "rate_history": [[t, dict(c)] for t, c in self._rate_history],

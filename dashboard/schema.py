@@ -38,6 +38,8 @@ class Listener(_Open):
     accepts: int
     queue_depth: QueueDepth
     depth_history: list[tuple[float, int]] = Field(description="[seconds since start, depth], last 300")
+    drops: int | None = Field(None, description="the socket's sk_drops: SYNs and handshakes dropped on a "
+                              "full queue; null where the kernel did not report it")
 
 
 class Rates(_Open):

@@ -16,8 +16,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # nginx-light, wrk, bpftrace: the benchmark's server, load generator and ad-hoc comparison.
 # chromium: the dashboard's browser tests (Debian's build; no tool downloads its own browser).
 # apache2: Apache prefork for the real-server verdict tests (run with our own config, never the system one).
+# prometheus: promtool (checks the alert rules and /metrics) and the server the Grafana-panel test scrapes
+# with (own config and storage in a temp dir, loopback port).
 PKGS=(python3-bpfcc bpftool python3-venv nginx-light wrk bpftrace chromium chromium-driver procps iproute2
-  apache2)
+  apache2 prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +33,9 @@ fi
 systemctl disable --now nginx >/dev/null 2>&1 || true
 # Likewise Debian's apache2 (:80): the tests run the binary with their own config in a temp dir.
 systemctl disable --now apache2 >/dev/null 2>&1 || true
+# Likewise Debian's prometheus (:9090, scraping itself into /var/lib/prometheus): the tests run the
+# binary with their own config and storage in a temp dir, on a free loopback port.
+systemctl disable --now prometheus >/dev/null 2>&1 || true
 
 # --- Kernel headers for BCC's run-time compiler ------------------------------------------------
 # BCC compiles the BPF C at run time against kernel headers. Our programs read every kernel struct

@@ -8,13 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import httpx
 import pytest
 import schemathesis
 from accept_watch.dashboard import DashboardError, DashboardServer, create_app
 from accept_watch.dashboard.demo import SyntheticSource
-from accept_watch.dashboard.metrics import LE_BOUNDS_NS
+from accept_watch.dashboard.metrics import LE_BOUNDS_NS, server_name
 from accept_watch.dashboard.schema import Snapshot
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -163,21 +164,34 @@ def test_metrics_equal_snapshot(client: TestClient, source: SyntheticSource) -> 
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     doc = source.snapshot()
     m = parse_metrics(r.text)
+    server = server_name(doc)
+    assert server and all(s.labels["server"] == server for name, samples in m.items()
+                          if name.startswith("accept_watch_") for s in samples)
 
-    accepts = {s.labels["pid"]: s.value for s in m["accept_watch_accepts"] if s.name.endswith("_total")}
-    assert accepts == {str(w["pid"]): w["accepts"] for w in doc["workers"]}
+    # Live workers one series each; every exited one summed into pid="exited" (bounded cardinality).
+    accepts = {s.labels["pid"]: s.value for s in m["accept_watch_worker_accepts"]
+               if s.name.endswith("_total")}
+    live = {str(w["pid"]): w["accepts"] for w in doc["workers"] if w["alive"]}
+    gone = sum(w["accepts"] for w in doc["workers"] if not w["alive"])
+    assert gone > 0 and accepts == live | {"exited": gone}
+    assert str(source.pids[0]) not in accepts
     assert sum(accepts.values()) == doc["total_accepts"]
-    alive = {s.labels["pid"]: s.value for s in m["accept_watch_worker_alive"]}
-    assert alive == {str(w["pid"]): (1.0 if w["alive"] else 0.0) for w in doc["workers"]}
-    assert alive[str(source.pids[0])] == 0.0
+    assert [s.value for s in m["accept_watch_accepts"] if s.name.endswith("_total")] == [doc["total_accepts"]]
+    share = {s.labels["pid"]: s.value for s in m["accept_watch_worker_share_ratio"]}
+    assert share == {str(w["pid"]): w["share"] for w in doc["workers"] if w["alive"]}
+    assert [s.value for s in m["accept_watch_live_workers"]] == [len(live)]
     assert [s.value for s in m["accept_watch_lost_events"]] == [5]
-    assert [s.value for s in m["accept_watch_unattributed"]] == [2]
     assert m["accept_watch_lost_events"][0].name == "accept_watch_lost_events_total"
+    unattributed = {s.labels["reason"]: s.value for s in m["accept_watch_unattributed_accepts"]}
+    assert unattributed == {"fd_walk_failed": 2, "stats_map_full": 0}
+    started = datetime.fromisoformat(doc["started_at"]).timestamp()
+    assert [s.value for s in m["accept_watch_start_time_seconds"]] == [pytest.approx(started)]
+    assert "accept_watch_duration_seconds" not in m
 
     def by_listener(name: str) -> dict[tuple[str, str], float]:
         return {(s.labels["port"], s.labels["inode"]): s.value for s in m[name]}
 
-    assert by_listener("accept_watch_listen_queue_depth") == {
+    assert by_listener("accept_watch_listen_queue_length") == {
         (str(li["port"]), str(li["inode"])): li["queue_depth"]["current"] for li in doc["listeners"]
     }
     assert by_listener("accept_watch_listen_queue_limit") == {
@@ -186,23 +200,23 @@ def test_metrics_equal_snapshot(client: TestClient, source: SyntheticSource) -> 
 
 
 def test_metrics_queue_wait_histogram(client: TestClient, source: SyntheticSource) -> None:
+    """One histogram per server over every worker: buckets are the workers' buckets summed."""
     doc = source.snapshot()
     m = parse_metrics(client.get("/metrics").text)
     samples = m["accept_watch_queue_wait_seconds"]
-    for w in doc["workers"]:
-        pid = str(w["pid"])
-        mine = [s for s in samples if s.labels["pid"] == pid]
-        buckets = {s.labels["le"]: s.value for s in mine if s.name.endswith("_bucket")}
-        count = next(s.value for s in mine if s.name.endswith("_count"))
-        total = sum(c for _, _, c in w["queue_wait_hist"])
-        assert count == total == w["queue_wait_us"]["count"]
-        assert buckets["+Inf"] == total
-        for bound_ns in LE_BOUNDS_NS:
-            # A sample is <= le exactly when its whole source bucket [low, high) lies at or below le.
-            expected = sum(c for low, high, c in w["queue_wait_hist"] if high <= bound_ns + 1)
-            assert buckets[repr(bound_ns / 1e9)] == expected, (pid, bound_ns)
-        total_s = next(s.value for s in mine if s.name.endswith("_sum"))
-        assert total_s == pytest.approx(w["queue_wait_us"]["mean"] * total / 1e6)
+    hist = [entry for w in doc["workers"] for entry in w["queue_wait_hist"]]
+    buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
+    count = next(s.value for s in samples if s.name.endswith("_count"))
+    total = sum(c for _, _, c in hist)
+    assert total > 0 and count == total == sum(w["queue_wait_us"]["count"] for w in doc["workers"])
+    assert buckets["+Inf"] == total
+    for bound_ns in LE_BOUNDS_NS:
+        # A sample is <= le exactly when its whole source bucket [low, high) lies at or below le.
+        expected = sum(c for low, high, c in hist if high <= bound_ns + 1)
+        assert buckets[repr(bound_ns / 1e9)] == expected, bound_ns
+    total_s = next(s.value for s in samples if s.name.endswith("_sum"))
+    assert total_s == pytest.approx(sum(w["queue_wait_us"]["mean"] * w["queue_wait_us"]["count"] / 1e6
+                                        for w in doc["workers"] if w["queue_wait_us"]["count"]))
     # The bounds span the range the brief asks for: 10 µs to 10 s.
     assert LE_BOUNDS_NS[0] == 10_000 and LE_BOUNDS_NS[-1] == 10_000_000_000
 

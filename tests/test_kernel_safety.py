@@ -219,7 +219,8 @@ def test_a_full_disk_is_reported_and_retried_while_counting_goes_on(tmp_path: Pa
 
             _wait_for("the failure in the dashboard's document", shown, 5)
             metrics = _get(base + "/metrics")[1].decode()
-            failures = re.search(r"^accept_watch_export_failures_total (\S+)$", metrics, re.M)
+            failures = re.search(r'^accept_watch_export_failures_total\{server="[^"]+"\} (\S+)$', metrics,
+                                 re.M)
             assert failures and float(failures.group(1)) >= 1, metrics
             filler.unlink()  # space again: the next periodic write succeeds and carries the record
 

@@ -70,7 +70,7 @@ def test_metrics_with_a_null_queue_limit() -> None:
         r = c.get("/metrics")
     assert r.status_code == 200, r.text
     assert "accept_watch_listen_queue_limit{" not in r.text  # unknown: no sample rather than a made-up 0
-    assert re.search(r'^accept_watch_accepts_total\{pid="\d+"\} 157\.0$', r.text, re.M)
+    assert re.search(r'^accept_watch_worker_accepts_total\{pid="\d+",server="[^"]+"\} 157\.0$', r.text, re.M)
 
 
 def test_every_view_copes_with_any_null_field() -> None:
