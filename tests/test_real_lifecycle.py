@@ -107,8 +107,15 @@ def _max_requests(tmp: Path) -> Run:
 
     # All workers reach 50 together and are replaced together: their boots leave moments with one or two
     # workers up, so a worker's life is taken from its first to its last record (as the brief's default).
-    return _gunicorn_run(start_gunicorn_server(N, max_requests=50, sleep_ms=SLEEP_MS), tmp, steps,
-                         boots_known=False)
+    run = _gunicorn_run(start_gunicorn_server(N, max_requests=50, sleep_ms=SLEEP_MS), tmp, steps,
+                        boots_known=False)
+    # Lives taken from records cannot show an even spread by themselves here (eight generations of 50
+    # in a couple of seconds; a worker's first and last record bound its life only roughly), so the
+    # premise is not asserted; the verdict is still judged against the log and must not blame
+    # replacement. The simultaneous recycling leaves moments with fewer workers up.
+    run.even_expected = False
+    run.live_mean = (N - 1.5, N + 1.5)
+    return run
 
 
 def _hup(tmp: Path) -> Run:
