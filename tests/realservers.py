@@ -231,7 +231,24 @@ http {{
 """
 
 
-class Nginx(LogServer):
+class LoggedWorkers(LogServer):
+    """A server that logs the pid of each worker it starts: its workers are those still its master's
+    children; the master's other children are helpers (nginx: a cache manager/loader; uvicorn:
+    multiprocessing's resource_tracker)."""
+
+    def logged_workers(self) -> list[int]:
+        raise NotImplementedError
+
+    def worker_pids(self) -> list[int]:
+        kids = set(children(self.master_pid))
+        return [p for p in self.logged_workers() if p in kids]
+
+    def helper_pids(self) -> list[int]:
+        workers = set(self.logged_workers())
+        return [p for p in children(self.master_pid) if p not in workers]
+
+
+class Nginx(LoggedWorkers):
     name = "nginx"
 
     def __init__(self, proc: subprocess.Popen[bytes], workdir: Path, ports: list[int], workers: int) -> None:
@@ -245,15 +262,6 @@ class Nginx(LogServer):
         text = path.read_text(errors="replace") if path.exists() else ""
         return sorted({int(m) for m in re.findall(r"start worker process (\d+)", text)})
 
-    def worker_pids(self) -> list[int]:
-        """The workers nginx started that are still its children."""
-        kids = set(children(self.master_pid))
-        return [p for p in self.logged_workers() if p in kids]
-
-    def helper_pids(self) -> list[int]:
-        """The master's other children (none without a cache: a cache manager/loader would be one)."""
-        workers = set(self.logged_workers())
-        return [p for p in children(self.master_pid) if p not in workers]
 
     def log_records(self) -> list[LogRecord]:
         # $connection is nginx's connection serial (a counter in shared memory, so global across

@@ -27,7 +27,15 @@ import psutil
 from accept_watch.daemon.demo import GunicornProcess, log_tail
 
 from tests.groundtruth import LogRecord
-from tests.realservers import LogServer, _spawn, alive, children, idle, listening_ports, wait_until
+from tests.realservers import (
+    LoggedWorkers,
+    _spawn,
+    alive,
+    children,
+    idle,
+    listening_ports,
+    wait_until,
+)
 from tests.servers import (
     _READY_HOOK,
     PIDAPP_ASGI,
@@ -262,7 +270,7 @@ def _reuse_port_on(
 _STARTED = re.compile(r"Started server process \[(\d+)\]")
 
 
-class Uvicorn(LogServer):
+class Uvicorn(LoggedWorkers):
     """`uvicorn --workers N` (uvicorn's own supervisor) serving the pid app."""
 
     name = "uvicorn"
@@ -275,15 +283,6 @@ class Uvicorn(LogServer):
         """Every worker uvicorn says it started ("Started server process [PID]")."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return sorted({int(m) for m in _STARTED.findall(text)})
-
-    def worker_pids(self) -> list[int]:
-        kids = set(children(self.master_pid))
-        return [p for p in self.logged_workers() if p in kids]
-
-    def helper_pids(self) -> list[int]:
-        """The master's other children: multiprocessing's resource_tracker."""
-        workers = set(self.logged_workers())
-        return [p for p in children(self.master_pid) if p not in workers]
 
     def log_records(self) -> list[LogRecord]:
         return to_log_records(read_records(self.record_dir), self.port)
