@@ -85,21 +85,30 @@ struct trans_key {
     u32 pad2;
 };
 
+// One accepted connection, for the per-connection stream. What changes from connection to connection
+// comes first; what stays the same for a worker thread on one listener (pid, tid, name, local
+// address, listener) is one contiguous block, so user space formats it once and reuses the text
+// (daemon/eventlog.py keys its cache by those bytes). probes/eventring.py mirrors this layout.
 struct accept_event {
     u64 ts_ns;
     u64 wait_ns;         // valid when flags & EVF_WAIT_KNOWN
-    u64 listener_ino;    // valid when flags & EVF_LISTENER_KNOWN
+    u32 backlog;         // valid when flags & EVF_LISTENER_KNOWN
+    u16 rport;
+    u8 flags;
+    u8 pad0;
+    u8 raddr[16];
+    // -- the same for every accept of one thread on one listener --
+    u64 listener_ino;    // valid when flags & EVF_LISTENER_KNOWN (0 otherwise)
     u32 tgid;
     u32 tid;
-    u32 backlog;
-    u32 backlog_limit;
+    u32 backlog_limit;   // 0 when the listener is unknown
     u16 family;
     u16 lport;
-    u16 rport;
     u8 source;
-    u8 flags;
+    u8 listener_known;
+    u16 pad1;
+    u32 pad2;
     u8 laddr[16];
-    u8 raddr[16];
     char comm[16];
 };
 
@@ -404,18 +413,23 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     }
     ev->ts_ns = now;
     ev->wait_ns = wait_ns;
+    ev->backlog = depth;
+    ev->rport = __builtin_bswap16(read_u16(sk, OFF_SK_DPORT));
+    ev->flags = (wait_known ? EVF_WAIT_KNOWN : 0) | (listener_sk ? EVF_LISTENER_KNOWN : 0);
+    ev->pad0 = 0;
     ev->listener_ino = listener_sk ? listener_ino : 0;
     ev->tgid = tgid;
     ev->tid = (u32)pid_tgid;
-    ev->backlog = depth;
-    ev->backlog_limit = limit;
+    ev->backlog_limit = listener_sk ? limit : 0;
     ev->family = family;
     ev->lport = lport;
-    ev->rport = __builtin_bswap16(read_u16(sk, OFF_SK_DPORT));
     ev->source = source;
-    ev->flags = (wait_known ? EVF_WAIT_KNOWN : 0) | (listener_sk ? EVF_LISTENER_KNOWN : 0);
+    ev->listener_known = listener_sk ? 1 : 0;
+    ev->pad1 = 0;
+    ev->pad2 = 0;
     __builtin_memset(ev->laddr, 0, sizeof(ev->laddr));
     __builtin_memset(ev->raddr, 0, sizeof(ev->raddr));
+    __builtin_memset(ev->comm, 0, sizeof(ev->comm));
     if (family == AW_AF_INET) {
         bpf_probe_read_kernel(ev->laddr, 4, (void *)(sk + OFF_SK_RCV_SADDR));
         bpf_probe_read_kernel(ev->raddr, 4, (void *)(sk + OFF_SK_DADDR));
@@ -424,7 +438,8 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
         bpf_probe_read_kernel(ev->raddr, 16, (void *)(sk + OFF_SK_V6_DADDR));
     }
     bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-    events.ringbuf_submit(ev, 0);
+    // No wakeup per record: the daemon drains the ring on its own clock (probes/eventring.py).
+    events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline int is_tracked(void)

@@ -31,7 +31,7 @@ MAP_SIZES: dict[str, int] = {
     "MAX_TRANSITIONS": 262144,  # (port, previous worker, worker)
     "MAX_CONNS": 262144,  # connections in accept queues or accepted and not yet closed
 }
-RINGBUF_PAGES = 256  # 1 MiB per-connection event buffer (x86_64 4 KiB pages)
+RINGBUF_PAGES = 512  # 2 MiB per-connection event buffer (x86_64 4 KiB pages): ~20 k records
 
 
 def generated_defines(layout_defines: dict[str, int]) -> dict[str, int]:

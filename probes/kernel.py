@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
-import socket
-import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,14 +22,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from . import defines
+from .eventring import EventRing, decode_event  # noqa: F401 - decode_event: kept importable here
 
 if TYPE_CHECKING:
     from .offsets import KernelLayout
 from .records import (
     PROBE_ORDER,
-    AcceptEvent,
     Counter,
-    EventSource,
     KernelSnapshot,
     ListenerCounters,
     ProbeKind,
@@ -59,11 +57,6 @@ RAW_TRACEPOINT_FNS: dict[str, bytes] = {
 # Enough kretprobe instances for every worker blocked in accept() at once; a miss would still be
 # caught by the syscall-exit backstop, but then counted as a backstop accept.
 KRETPROBE_MAXACTIVE = 4096
-
-# struct accept_event in accept_watch.c (natural alignment, no padding).
-EVENT_FORMAT = struct.Struct("<QQQIIIIHHHBB16s16s16s")
-EVF_WAIT_KNOWN = 1
-EVF_LISTENER_KNOWN = 2
 
 
 class ProbeError(Exception):
@@ -181,34 +174,6 @@ def compiler_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int
     return out
 
 
-def _addr(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw[:16])
-
-
-def decode_event(data: bytes) -> AcceptEvent:
-    (ts, wait, ino, tgid, tid, backlog, limit, family, lport, rport, source, flags, laddr, raddr,
-     comm) = EVENT_FORMAT.unpack_from(data)
-    listener_known = bool(flags & EVF_LISTENER_KNOWN)
-    return AcceptEvent(
-        ts_ns=ts,
-        pid=tgid,
-        tid=tid,
-        comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
-        family=family,
-        local_addr=_addr(family, laddr),
-        local_port=lport,
-        peer_addr=_addr(family, raddr),
-        peer_port=rport,
-        queue_wait_ns=wait if flags & EVF_WAIT_KNOWN else None,
-        backlog=backlog if listener_known else None,
-        backlog_limit=limit if listener_known else None,
-        listener_inode=ino if listener_known and ino else None,
-        source=EventSource(source),
-    )
-
-
 def _int(value: Any) -> int:
     """A map key or value of a plain integer type: an int from a batch buffer (ctypes converts
     array items of simple types), a ctypes integer from BCC's own iteration."""
@@ -270,6 +235,7 @@ class AcceptProbes:
         self._bpf: Any = None
         self.result: AttachResult | None = None
         self._readers: dict[bytes, _TableReader] = {}
+        self._ring: EventRing | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def compile(self) -> float:
@@ -386,6 +352,9 @@ class AcceptProbes:
 
     def close(self) -> None:
         self._readers.clear()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._bpf.cleanup()
@@ -470,12 +439,11 @@ class AcceptProbes:
     def tracked_pids(self) -> set[int]:
         return {k.value for k in self._bpf[b"tracked"].keys()}  # noqa: SIM118 - BCC tables
 
-    def open_events(self, callback: Callable[[AcceptEvent], None]) -> None:
-        def _on_event(_ctx: Any, data: Any, size: int) -> int:
-            callback(decode_event(ctypes.string_at(data, size)))
-            return 0
+    def open_events(self) -> None:
+        """Map the per-connection ring buffer; drain_events() then reads it in blocks."""
+        table = self._bpf[b"events"]
+        self._ring = EventRing(table.map_fd, defines.RINGBUF_PAGES * mmap.PAGESIZE)
 
-        self._bpf[b"events"].open_ring_buffer(_on_event)
-
-    def poll_events(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def drain_events(self) -> bytes:
+        """Every record committed since the last call (eventring.STRIDE bytes each); b"" if none."""
+        return self._ring.drain() if self._ring is not None else b""

@@ -7,7 +7,7 @@ Nothing here imports bcc. Enum values are shared with the BPF C through generate
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ProbeKind(enum.StrEnum):
@@ -126,4 +126,3 @@ class AcceptEvent:
     backlog_limit: int | None
     listener_inode: int | None
     source: EventSource
-    extra: dict[str, object] = field(default_factory=dict)
