@@ -319,8 +319,10 @@ static __always_inline void count_listener(u64 listener_sk, u64 ino, u16 port, u
     *limit = read_u32(listener_sk, OFF_SK_MAX_ACK_BACKLOG);
     struct listener_val zero = {.port = port};
     struct listener_val *lv = listener_stats.lookup_or_try_init(&ino, &zero);
-    if (!lv)
+    if (!lv) {
+        diag_inc(DIAG_LISTENERS_MAP_FULL);
         return;
+    }
     // One entry shared by every worker, so on every CPU: write only what changed (a line written
     // from two CPUs in turn moves between their caches at each write).
     __sync_fetch_and_add(&lv->accepts, 1);
@@ -336,7 +338,9 @@ static __always_inline void count_transition(u32 tgid, u16 port)
 {
     u32 *prev = last_acceptor.lookup(&port);
     if (!prev) {
-        last_acceptor.update(&port, &tgid);
+        // One entry per listening port: full only with more ports than MAX_LISTENERS.
+        if (last_acceptor.update(&port, &tgid) != 0)
+            diag_inc(DIAG_TRANSITIONS_MAP_FULL);
         return;
     }
     struct trans_key tk = {.prev_tgid = *prev, .tgid = tgid, .port = port};

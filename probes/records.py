@@ -45,6 +45,9 @@ class Counter(enum.IntEnum):
     TRACKED_MAP_FULL = 8  # a forked child could not be added to the tracked set
     TRANSITIONS_MAP_FULL = 9  # the accept-sequence transition map was full
     CONNS_MAP_FULL = 10  # connection map full: a connection's queue wait or in-flight time not followed
+    # Listener map full (more listening sockets than MAX_LISTENERS): an accept not counted per listener
+    # (its worker count stays exact; the listener's accepts, queue depth and accept sequence miss it).
+    LISTENERS_MAP_FULL = 11
 
 
 DIAG_SLOTS = len(Counter)
@@ -52,6 +55,28 @@ DIAG_SLOTS = len(Counter)
 
 # Counters that mean a connection was not attributed at all (exactness is broken if > 0).
 LOSS_COUNTERS: tuple[Counter, ...] = (Counter.STATS_MAP_FULL, Counter.FD_WALK_FAILED)
+
+# Counters that mean a figure other than the per-worker counts is incomplete: shown whenever non-zero
+# (terminal, report), with what is missing. Keyed by the document's diagnostics names.
+DEGRADED: dict[str, str] = {
+    Counter.LISTENERS_MAP_FULL.name.lower(): "accepts missing from per-listener figures (listener map full)",
+    Counter.HIST_MAP_FULL.name.lower(): "queue-wait samples missing from the histograms (map full)",
+    Counter.TRANSITIONS_MAP_FULL.name.lower(): "accepts missing from the accept sequence (map full)",
+    Counter.CONNS_MAP_FULL.name.lower(): "connections without queue wait / in-flight time (map full)",
+    Counter.TRACKED_MAP_FULL.name.lower(): "forked processes not followed in the kernel (map full)",
+}
+
+
+def degraded_lines(diagnostics: object) -> list[str]:
+    """One line per non-zero DEGRADED counter of a document's diagnostics."""
+    if not isinstance(diagnostics, dict):
+        return []
+    out = []
+    for name, meaning in DEGRADED.items():
+        n = diagnostics.get(name)
+        if isinstance(n, int) and n > 0:
+            out.append(f"{name} {n:,}: {meaning}")
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -315,3 +315,40 @@ def test_event_ring_is_drained_in_blocks_across_wraparounds(layout, monkeypatch)
     assert all(e.listener_inode == inode and e.queue_wait_ns is not None for e in got)
     ts = [e.ts_ns for e in got]
     assert ts == sorted(ts)
+
+
+def test_a_full_listener_map_is_counted_not_silent(layout, monkeypatch) -> None:
+    """More listening sockets than the listener map holds (4096 in production, 2 here): accepts on
+    the listener that did not fit are still counted per worker, and counted as listeners_map_full
+    (issue 11: 104 of 4200 listeners showed 0 accepts and nothing said why)."""
+    from accept_watch.probes import defines
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.records import Counter, degraded_lines
+
+    monkeypatch.setitem(defines.MAP_SIZES, "MAX_LISTENERS", 2)
+    n = 5
+    srvs = [socket.socket() for _ in range(3)]
+    try:
+        for srv in srvs:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(64)
+        ports = [srv.getsockname()[1] for srv in srvs]
+        with AcceptProbes(layout) as probes:
+            assert "#define MAX_LISTENERS 2\n" in probes.program
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=ports)
+            for srv, port in zip(srvs, ports, strict=True):
+                for _ in range(n):
+                    with socket.create_connection(("127.0.0.1", port)):
+                        srv.accept()[0].close()
+            snap = probes.snapshot()
+    finally:
+        for srv in srvs:
+            srv.close()
+    assert sum(w.accepts for w in snap.workers if w.pid == os.getpid()) == 3 * n
+    assert sorted(lst.port for lst in snap.listeners) == ports[:2]
+    assert snap.diag[Counter.LISTENERS_MAP_FULL] == n
+    # the accept-sequence map is keyed by port and just as large: the third port's accepts are missing
+    assert snap.diag[Counter.TRANSITIONS_MAP_FULL] == n
+    assert snap.unattributed == 0
+    lines = degraded_lines({c.name.lower(): v for c, v in snap.diag.items()})
+    assert any(line.startswith(f"listeners_map_full {n}:") for line in lines), lines
