@@ -102,6 +102,9 @@ def watch_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard")
     p.add_argument("--stream", action="store_true",
                    help="per-connection events for the dashboard's /api/events (costs CPU at high rates)")
+    p.add_argument("--no-inflight", action="store_true",
+                   help="do not follow connections to their close (no in-flight counts or accept->close "
+                        "times; saves the TCP state-change tracepoint, the largest per-connection cost)")
     p.add_argument("--interval", type=positive_float, default=1.0, help="seconds between map reads (1)")
     p.add_argument("--print-bpf", action="store_true", help="print the generated BPF program and exit")
     p.add_argument("--dry-run", action="store_true", help="compile and attach the probes, detach, exit 0")

@@ -120,7 +120,7 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
                       ports: list[int], stop: threading.Event) -> int:
     from accept_watch.probes.kernel import AcceptProbes
 
-    with AcceptProbes(layout, emit_events=want_events) as probes:
+    with AcceptProbes(layout, emit_events=want_events, inflight=not args.no_inflight) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
         aggregator.probe, aggregator.probe_detail = result.kind.value, result.detail
         failed = [f"{a.kind}: {a.error}" for a in result.attempts if not a.ok]

@@ -17,7 +17,10 @@ class ConfigSlot(enum.IntEnum):
     # counted so it is not counted twice; 0 once it is retired (nothing left for it to catch): the
     # syscall-exit programs then return at once.
     BACKSTOP = 2
-    SLOTS = 3
+    # 1: follow accepted connections to their close (in-flight counts, accept->close time); needs the
+    # inet_sock_set_state tracepoint, which is attached only then.
+    INFLIGHT = 3
+    SLOTS = 4
 
 
 PROBE_KIND_IDS: dict[ProbeKind, int] = {ProbeKind.FEXIT: 1, ProbeKind.KRETPROBE: 2, ProbeKind.TRACEPOINT: 3}

@@ -174,6 +174,20 @@ def compiler_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int
     return out
 
 
+def _worker(pid: int, port: int, per_cpu: Any, live: tuple[int, int, int]) -> WorkerCounters:
+    """One worker's per-CPU counters summed (first seen: the earliest CPU's; 0 = none on that CPU)."""
+    firsts = [c.first_ns for c in per_cpu if c.first_ns]
+    inflight, inflight_max, busy = live
+    return WorkerCounters(
+        pid=pid, port=port, accepts=sum(c.accepts for c in per_cpu), first_ns=min(firsts, default=0),
+        last_ns=max(c.last_ns for c in per_cpu), wait_count=sum(c.wait_count for c in per_cpu),
+        wait_sum_ns=sum(c.wait_sum_ns for c in per_cpu), wait_max_ns=max(c.wait_max_ns for c in per_cpu),
+        backstop_accepts=sum(c.backstop for c in per_cpu), inflight=max(0, inflight),
+        inflight_max=inflight_max, busy_accepts=busy, closed=sum(c.closed for c in per_cpu),
+        life_sum_ns=sum(c.life_sum_ns for c in per_cpu), life_max_ns=max(c.life_max_ns for c in per_cpu),
+    )
+
+
 def _int(value: Any) -> int:
     """A map key or value of a plain integer type: an int from a batch buffer (ctypes converts
     array items of simple types), a ctypes integer from BCC's own iteration."""
@@ -228,9 +242,12 @@ class _TableReader:
 class AcceptProbes:
     """Compile, attach, read. Use as a context manager so probes are always detached."""
 
-    def __init__(self, layout: KernelLayout, emit_events: bool = False) -> None:
+    def __init__(self, layout: KernelLayout, emit_events: bool = False, inflight: bool = True) -> None:
         self.layout = layout
         self.emit_events = emit_events
+        # Follow accepted connections to their close (in-flight, accept->close time): the one feature
+        # that needs inet_sock_set_state, which fires ~10 times per connection machine-wide.
+        self.inflight = inflight
         self.program = generate_program(layout)
         self._bpf: Any = None
         self.result: AttachResult | None = None
@@ -257,6 +274,7 @@ class AcceptProbes:
         self.track(pids)
         self.watch_ports(ports)
         self._set_config(defines.ConfigSlot.EMIT_EVENTS, int(self.emit_events))
+        self._set_config(defines.ConfigSlot.INFLIGHT, int(self.inflight))
         # Tracepoints first: from here on every accept of a tracked process is counted, whatever
         # happens to the attempts below.
         self._set_config(defines.ConfigSlot.PROBE_KIND, defines.PROBE_KIND_IDS[ProbeKind.TRACEPOINT])
@@ -264,7 +282,7 @@ class AcceptProbes:
             self._attach_tracepoints(TRACEPOINT_FNS)
             if not self.layout.listener_from_regs:
                 self._attach_tracepoints(ENTER_TRACEPOINT_FNS)
-            for tp, fn in RAW_TRACEPOINT_FNS.items():
+            for tp, fn in (RAW_TRACEPOINT_FNS.items() if self.inflight else ()):
                 self._attach_one("raw tracepoint", self._bpf.attach_raw_tracepoint, tp, fn)
         except ProbeError:
             self.close()
@@ -328,12 +346,13 @@ class AcceptProbes:
         return None
 
     def _describe(self, kind: ProbeKind) -> str:
+        off = "" if self.inflight else "; in-flight tracking off (--no-inflight)"
         if kind is ProbeKind.FEXIT:
-            return f"fexit {self.layout.accept_proto_text}; syscall-exit tracepoints as backstop"
+            return f"fexit {self.layout.accept_proto_text}; syscall-exit tracepoints as backstop{off}"
         if kind is ProbeKind.KRETPROBE:
-            return "kretprobe inet_csk_accept (return value only); syscall-exit tracepoints as backstop"
+            return f"kretprobe inet_csk_accept (return value only); syscall-exit tracepoints as backstop{off}"
         return ("syscalls:sys_exit_accept/accept4 tracepoints, new fd resolved through the task's fd table; "
-                + self.layout.syscall_arg1_text)
+                + self.layout.syscall_arg1_text + off)
 
     def load_only(self, kind: ProbeKind) -> None:
         """Verifier-load one hook's program without attaching it (tests, doctor)."""
@@ -413,26 +432,22 @@ class AcceptProbes:
 
     def snapshot(self) -> KernelSnapshot:
         taken = time.monotonic_ns()
-        workers = tuple(
-            WorkerCounters(
-                pid=k.tgid, port=k.port, accepts=v.accepts, first_ns=v.first_ns, last_ns=v.last_ns,
-                wait_count=v.wait_count, wait_sum_ns=v.wait_sum_ns, wait_max_ns=v.wait_max_ns,
-                backstop_accepts=v.backstop, inflight=max(0, v.inflight), inflight_max=v.inflight_max,
-                busy_accepts=v.busy_accepts, closed=v.closed, life_sum_ns=v.life_sum_ns,
-                life_max_ns=v.life_max_ns,
-            )
-            for k, v in self._items(b"worker_stats")
-        )
+        live = {(k.tgid, k.port): (v.inflight, v.inflight_max, v.busy_accepts)
+                for k, v in self._items(b"worker_live")}
+        workers = tuple(_worker(k.tgid, k.port, per_cpu, live.get((k.tgid, k.port), (0, 0, 0)))
+                        for k, per_cpu in self._items(b"worker_stats"))
         hist: dict[tuple[int, int], dict[int, int]] = {}
         for k, v in self._items(b"wait_hist"):
             hist.setdefault((k.tgid, k.port), {})[k.bucket] = _int(v)
         listeners = tuple(
-            ListenerCounters(inode=_int(k), port=v.port, accepts=v.accepts,
-                             depth_max=v.depth_max, backlog_limit=v.backlog_limit)
-            for k, v in self._items(b"listener_stats")
+            ListenerCounters(inode=_int(k), port=max(c.port for c in per_cpu),
+                             accepts=sum(c.accepts for c in per_cpu),
+                             depth_max=max(c.depth_max for c in per_cpu),
+                             backlog_limit=max(c.backlog_limit for c in per_cpu))
+            for k, per_cpu in self._items(b"listener_stats")
         )
         transitions = {(k.port, k.prev_tgid, k.tgid): _int(v) for k, v in self._items(b"transitions")}
-        slots = {_int(k): _int(v) for k, v in self._items(b"diag")}
+        slots = {_int(k): sum(v) for k, v in self._items(b"diag")}
         diag = {c: slots.get(int(c), 0) for c in Counter}
         return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
 

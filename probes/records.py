@@ -39,7 +39,8 @@ class Counter(enum.IntEnum):
     # The listening socket was not found: an accept() blocked before attach where the listening fd is
     # stashed at sys_enter (kernels < 5.15), or an io_uring accept seen by the kretprobe.
     LISTENER_UNKNOWN = 4
-    WAIT_UNKNOWN = 5  # accepted socket whose SYN_RECV->ESTABLISHED we did not see: no queue wait
+    # accepted socket not yet stamped with its queue entry (fexit racing the handshake's end): no queue wait
+    WAIT_UNKNOWN = 5
     NON_INET = 6  # accept of a non-IPv4/IPv6 socket by a tracked process (ignored, e.g. unix sockets)
     BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them
     TRACKED_MAP_FULL = 8  # a forked child could not be added to the tracked set
