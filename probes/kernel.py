@@ -194,6 +194,11 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) else value.value
 
 
+# What the kernel answers for a map type without batch operations: ENOTSUPP (524, kernel-internal,
+# no errno name), EOPNOTSUPP, EINVAL.
+BATCH_UNSUPPORTED = frozenset({524, errno.EOPNOTSUPP, errno.EINVAL})
+
+
 class _TableReader:
     """Reads a whole BPF map with BPF_MAP_LOOKUP_BATCH (5.6+): one system call per BATCH entries
     into buffers allocated once, where BCC's items() makes two per entry (get-next-key, lookup)
@@ -224,8 +229,9 @@ class _TableReader:
                                        ctypes.byref(token_out), ctypes.byref(self.keys),
                                        ctypes.byref(self.values), ctypes.byref(count))
             err = ctypes.get_errno()
-            if res != 0 and err != errno.ENOENT and first and count.value == 0:
-                # Batch lookups unsupported here (before 5.6, or this map type): entry by entry.
+            if res != 0 and err != errno.ENOENT and first and (count.value == 0 or err in BATCH_UNSUPPORTED):
+                # Batch lookups unsupported here (before 5.6, or this map type: per-CPU arrays before
+                # 5.13 answer ENOTSUPP and leave count as it was): entry by entry.
                 self.batch_ok = False
                 yield from self.table.items()
                 return
