@@ -23,9 +23,23 @@ CACHE_MAX = 65536  # distinct addresses / names kept formatted; cleared when ful
 _SOURCES = {int(s): s.name.lower() for s in EventSource}
 _FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
-# ts, ts_ns, {pid .. local_port}, peer_addr, peer_port, queue_wait_ns, backlog, {backlog_limit .. source}
-LINE = ('{"ts":"%s.%06d+00:00","ts_ns":%d,%s"peer_addr":"%s","peer_port":%d,'
-        '"queue_wait_ns":%s,"backlog":%s%s}\n')
+# One line: ts, ts_ns, {pid .. local_port}, peer_addr, peer_port, queue_wait_ns, backlog,
+# {backlog_limit .. source}. The braced parts are the same for every accept of a thread on one listener
+# and are written into a per-(thread, listener) format; "%.0s" takes an argument and prints nothing
+# (the "null" cases, so every record is formatted with the same arguments).
+_HEAD = '{"ts":"%s.%06d+00:00","ts_ns":%d,'
+_PEER = '"peer_addr":"%s","peer_port":%d,'
+
+
+def _line_formats(head: str, tail: str) -> tuple[str, ...]:
+    """Formats indexed by the record's flags (EVF_WAIT_KNOWN | EVF_LISTENER_KNOWN)."""
+    head, tail = head.replace("%", "%%"), tail.replace("%", "%%")
+    out = []
+    for flags in range(4):
+        wait = '"queue_wait_ns":%d,' if flags & EVF_WAIT_KNOWN else '"queue_wait_ns":null%.0s,'
+        backlog = '"backlog":%d' if flags & EVF_LISTENER_KNOWN else '"backlog":null%.0s'
+        out.append(_HEAD + head + _PEER + wait + backlog + tail + "}\n")
+    return tuple(out)
 
 
 class _Formatted(dict):  # type: ignore[type-arg]
@@ -53,9 +67,9 @@ def _second(wall_s: int) -> str:
     return iso_utc(wall_s * _NS)[:19]
 
 
-def _static(raw: bytes) -> tuple[str, str, int, int]:
-    """The fields that are the same for every accept of one thread on one listener, formatted:
-    (text before peer_addr, text after backlog, family, local port)."""
+def _static(raw: bytes, mark: str) -> tuple[tuple[str, ...], int, int]:
+    """The fields that are the same for every accept of one thread on one listener, formatted into
+    the line formats (_line_formats), with the family and local port."""
     ino, tgid, tid, limit, family, lport, source, known, laddr, comm = STATIC.unpack(raw)
     name = comm.split(b"\0", 1)[0].decode(errors="replace")
     fam = _FAMILIES.get(family, str(family))
@@ -63,8 +77,8 @@ def _static(raw: bytes) -> tuple[str, str, int, int]:
             f'"local_addr":"{_addr(family, laddr)}","local_port":{lport},')
     inode = ino if known and ino else "null"
     tail = (f',"backlog_limit":{limit if known else "null"},"listener_inode":{inode}'
-            f',"source":"{_SOURCES.get(source, str(source))}"')
-    return head, tail, family, lport
+            f',"source":"{_SOURCES.get(source, str(source))}"{mark}')
+    return _line_formats(head, tail), family, lport
 
 
 class NdjsonEncoder:
@@ -79,10 +93,10 @@ class NdjsonEncoder:
         self._seen = 0  # records offered so far, for 1-in-N sampling
         self._v4 = _Formatted(lambda raw: _addr(socket.AF_INET, raw))
         self._v6 = _Formatted(lambda raw: _addr(socket.AF_INET6, raw))
-        self._static = _Formatted(_static)
-        self._seconds = _Formatted(_second)
         # Sampled lines say so (and by how much): the total stays exact in the export document.
-        self._line = LINE[:-2] + (f',"sampled_1_in":{sample}' if sample > 1 else "") + "}\n"
+        mark = f',"sampled_1_in":{sample}' if sample > 1 else ""
+        self._static = _Formatted(lambda raw: _static(raw, mark))
+        self._seconds = _Formatted(_second)
 
     def encode(self, block: bytes) -> tuple[str, int]:
         """(lines, how many) for the records in block (header + event each, STRIDE bytes)."""
@@ -93,18 +107,14 @@ class NdjsonEncoder:
         out: list[str] = []
         add = out.append
         off, v4, v6, statics, seconds = self.offset_ns, self._v4, self._v6, self._static, self._seconds
-        ports, line, inet = self.ports, self._line, socket.AF_INET
+        ports, inet = self.ports, socket.AF_INET
         for _h, _p, ts, wait, backlog, rport, flags, raddr, static in RING_RECORD.iter_unpack(block):
-            head, tail, family, lport = statics[static]
+            formats, family, lport = statics[static]
             if ports is not None and lport not in ports:
                 continue
             wall = ts + off
-            add(line % (
-                seconds[wall // _NS], wall // 1000 % 1_000_000, ts, head,
-                v4[raddr] if family == inet else v6[raddr], rport,
-                wait if flags & EVF_WAIT_KNOWN else "null",
-                backlog if flags & EVF_LISTENER_KNOWN else "null", tail,
-            ))
+            add(formats[flags & 3] % (seconds[wall // _NS], wall // 1000 % 1_000_000, ts,
+                                      v4[raddr] if family == inet else v6[raddr], rport, wait, backlog))
         return "".join(out), len(out)
 
     def _sampled(self, block: bytes) -> bytes:

@@ -73,12 +73,13 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
     lb = (results.get("loopback") or {}).get("summary") or {}
     if "aw" in lb and "floor" in lb:
         aw, floor = lb["aw"]["added_us"]["median"], lb["floor"]["added_us"]["median"]
-        text = f"aw +{aw:.2f} µs, floor +{floor:.2f} µs: floor + {aw - floor:.2f} µs"
+        text = f"aw {aw:+.2f} µs, floor {floor:+.2f} µs: floor {aw - floor:+.2f} µs"
         if "aw-before" in lb:
-            text += f" (before: +{lb['aw-before']['added_us']['median']:.2f} µs)"
+            before = lb["aw-before"]["added_us"]["median"]
+            text += f" (before: {before:+.2f} µs, floor {before - floor:+.2f} µs)"
         if "aw-noinflight" in lb and "floor-noinflight" in lb:
             nf, nff = lb["aw-noinflight"]["added_us"]["median"], lb["floor-noinflight"]["added_us"]["median"]
-            text += f"; --no-inflight +{nf:.2f} µs on its floor +{nff:.2f} µs (floor + {nf - nff:.2f})"
+            text += f"; --no-inflight {nf:+.2f} µs on its own floor {nff:+.2f} µs (floor {nf - nff:+.2f} µs)"
         add("floor", f"Default mode ≤ floor + {FLOOR_MARGIN_US} µs per connection (pinned loopback)",
             aw - floor <= FLOOR_MARGIN_US, text)
     aw_max = _mode(results, "nginx-max", "aw")
