@@ -7,8 +7,11 @@ at fixed lower rates, and measures in paired, interleaved rounds:
 
   baseline   nothing attached
   aw         accept-watch as installed (counters only, dashboard on, a client polling /api/snapshot 1/s)
-  aw-events  the same with --events FILE (the per-connection stream, decoded in Python)
+  aw-events  the same with --events FILE (the per-connection stream, written as NDJSON)
   bpftrace   a bpftrace one-liner printing one line per accept (sys_exit_accept4) to a file
+  aw-before, aw-events-before   aw and aw-events with accept-watch as of an earlier commit (--before
+             REF, scripts/bench/before.py), at nginx's full speed and ~10 k/s: a change is measured
+             against its predecessor in the same interleaved rounds
 
 A pinned loopback measurement (scripts/bench/loopback.py) resolves what the nginx rounds cannot:
 CPU per connection with accept-watch, with empty programs on its hooks (the floor), with bpftrace.

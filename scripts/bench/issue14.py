@@ -103,8 +103,10 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
     if long:
         rss += [long["mem_end_mb"]["VmRSS"]] + [s["rss_mb"] for s in long["samples"]]
     if rss:
+        anon = [r["tool_mem_mb"]["RssAnon"] for r in _current_runs(results)]
         add("rss14", f"RSS ≤ {RSS_LIMIT_MB:.0f} MB", max(rss) <= RSS_LIMIT_MB,
-            f"highest VmRSS {max(rss):.1f} MB (benchmark runs and long run)")
+            f"highest VmRSS {max(rss):.1f} MB (benchmark runs and long run); of it anonymous memory at "
+            f"most {max(anon):.1f} MB, the rest shared library pages")
     if long and long["target_connections"] >= 1_000_000:
         flat = long_run_flatness(long)
         add("flat14", "RSS flat over 1 M connections", flat["growth_mb"] <= 5.0,
@@ -130,6 +132,16 @@ def render(add: Any, results: dict[str, Any]) -> None:
         return
     add(f"## Before and after (commit {results['before_commit']} → {results['commit']}, same rounds)")
     add("")
+    others = [run["others_cpu_pct"] for w in results.get("workloads", []) for rnd in w["rounds"]
+              for run in rnd["runs"]]
+    if others:
+        busy = sorted(others)[len(others) // 2]
+        add(f"Both versions ran in the same interleaved rounds (modes `aw-before`, `aw-events-before`; "
+            f"`aw-before` in the pinned loopback runs). Other processes used a median {busy:.1f} % of a "
+            f"core (at most {max(others):.1f} %) during the nginx runs"
+            + (": **the machine was shared and loaded**, so the nginx ratios are noisy; the pinned "
+               "loopback figures are the sharper comparison." if busy > 5 else "."))
+        add("")
     add("| figure | before | after |")
     add("|---|---|---|")
     for wl in ("nginx-max", "nginx-10k"):
