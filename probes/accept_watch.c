@@ -391,12 +391,18 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     u16 lport = __builtin_bswap16(read_u16(sk, OFF_INET_SPORT));
 
     // Accept-queue wait: the child socket was stamped (µs) when its handshake completed, the moment it
-    // entered the accept queue. 0 or in the future: not stamped yet (fexit can run before the softirq
-    // that completes the handshake releases the socket), counted as unknown.
+    // entered the accept queue. Still 0 (the value cloned from the listener): fexit/kretprobe run before
+    // accept() locks the socket, and can take a child the softirq has queued but not yet finished
+    // (it stamps it right after): it was queued microseconds ago, so its wait is taken as 0 and the
+    // case counted (DIAG_WAIT_IN_HANDSHAKE). The syscall exit comes after that lock: never 0 there.
+    // A stamp in the future cannot be a queue entry: unknown.
     u64 wait_ns = 0;
     int wait_known = 0;
     u64 established_us = read_ptr(sk, OFF_TCP_RCVQ_SPACE_TIME);
-    if (established_us && established_us * 1000 <= now) {
+    if (!established_us) {
+        wait_known = 1;
+        diag_inc(DIAG_WAIT_IN_HANDSHAKE);
+    } else if (established_us <= now / 1000) {   // (not * 1000: a garbage value would overflow)
         wait_ns = now - established_us * 1000;
         wait_known = 1;
     } else {

@@ -39,7 +39,7 @@ class Counter(enum.IntEnum):
     # The listening socket was not found: an accept() blocked before attach where the listening fd is
     # stashed at sys_enter (kernels < 5.15), or an io_uring accept seen by the kretprobe.
     LISTENER_UNKNOWN = 4
-    # accepted socket not yet stamped with its queue entry (fexit racing the handshake's end): no queue wait
+    # accepted socket whose queue-entry stamp is not plausible (in the future): no queue wait
     WAIT_UNKNOWN = 5
     NON_INET = 6  # accept of a non-IPv4/IPv6 socket by a tracked process (ignored, e.g. unix sockets)
     BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them
@@ -49,6 +49,9 @@ class Counter(enum.IntEnum):
     # Listener map full (more listening sockets than MAX_LISTENERS): an accept not counted per listener
     # (its worker count stays exact; the listener's accepts, queue depth and accept sequence miss it).
     LISTENERS_MAP_FULL = 11
+    # Not a loss: fexit/kretprobe took a connection whose handshake was still being finished on another
+    # CPU (queued, not yet stamped); its queue wait (microseconds at most) is counted as 0.
+    WAIT_IN_HANDSHAKE = 12
 
 
 DIAG_SLOTS = len(Counter)

@@ -408,3 +408,37 @@ def test_without_inflight_tracking_the_state_tracepoint_is_not_attached(layout) 
     (w,) = [w for w in snap.workers if w.pid == os.getpid()]
     assert (w.accepts, w.wait_count, w.inflight, w.inflight_max, w.closed) == (n, n, 0, 0, 0)
     assert conns == 0
+
+
+@pytest.mark.parametrize(("stamp_at", "expected"), [("OFF_SK_V6_DADDR", "in handshake"),
+                                                     ("OFF_SK_SOCKET", "unknown")])
+def test_queue_wait_stamp_zero_or_implausible(layout, stamp_at, expected) -> None:
+    """The queue-entry stamp read at accept, pointed at another field of the socket: 0 (an IPv4
+    socket's IPv6 address), as when fexit takes a child before the softirq stamped it, counts the
+    wait as 0 (wait_in_handshake); a kernel pointer read as µs lies in the future: unknown."""
+    import dataclasses
+
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.records import Counter
+
+    forced = dataclasses.replace(
+        layout, defines={**layout.defines, "OFF_TCP_RCVQ_SPACE_TIME": layout.defines[stamp_at]})
+    n = 10
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        with AcceptProbes(forced) as probes:
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
+            for _ in range(n):
+                with socket.create_connection(("127.0.0.1", port)):
+                    srv.accept()[0].close()
+            snap = probes.snapshot()
+    (w,) = [w for w in snap.workers if w.pid == os.getpid()]
+    if expected == "in handshake":
+        assert (snap.diag[Counter.WAIT_IN_HANDSHAKE], snap.diag[Counter.WAIT_UNKNOWN]) == (n, 0)
+        assert (w.wait_count, w.wait_max_ns) == (n, 0)
+    else:
+        assert (snap.diag[Counter.WAIT_IN_HANDSHAKE], snap.diag[Counter.WAIT_UNKNOWN]) == (0, n)
+        assert w.wait_count == 0
+    assert w.accepts == n
