@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -25,6 +24,7 @@ from accept_watch.probes.records import KernelSnapshot, ProbeKind
 
 from . import analysis, discovery, export, terminal, waitmode
 from .backstop import Backstop
+from .eventdrain import EventDrainer
 from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
@@ -33,9 +33,6 @@ EXPORT_EVERY_S = 5.0
 REFRESH_EVERY_S = 10.0
 CHECK_EVERY_S = 2.0
 WAIT_MODE_EVERY_S = 10.0
-# The BPF side does not wake us per record (BPF_RB_NO_WAKEUP): the ring buffer is drained on this clock.
-# It holds defines.RINGBUF_PAGES pages (2 MiB, ~20 k records): ~0.5 s at 40 k accepts/s.
-DRAIN_EVERY_S = 0.05
 
 
 class WatchError(Exception):
@@ -148,10 +145,11 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
     events = args.events is not None or args.stream
     writer = (export.EventWriter(args.events, clock=aggregator.clock, ports=only, sample=args.events_sample)
               if args.events else None)
+    drainer = EventDrainer(probes, writer, aggregator, only) if events else None
     dashboard = None
     try:
-        if events:
-            probes.open_events()
+        if drainer is not None:
+            drainer.start()
         if not args.no_dashboard:
             dashboard = _start_dashboard(args, aggregator)
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -162,7 +160,9 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             tick_end = time.monotonic() + args.interval
             if deadline is not None:
                 tick_end = min(tick_end, deadline)
-            _wait(stop, tick_end, (lambda: _drain(probes, writer, aggregator, only)) if events else None)
+            _wait(stop, tick_end)
+            if drainer is not None:
+                drainer.check()
             now = time.monotonic()
             snapshot = probes.snapshot()
             backstop.check(now)
@@ -184,8 +184,9 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             if deadline is not None and now >= deadline:
                 break
         # Final read after the loop so nothing counted in the last interval is lost.
-        if events:
-            _drain(probes, writer, aggregator, only)
+        if drainer is not None:
+            drainer.stop()
+            drainer = None
         aggregator.update(_only_ports(probes.snapshot(), only), topology, _depths(topology) or {})
         doc = aggregator.document(ended=True)
     except ProbeError:
@@ -194,6 +195,9 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             export.write_json_atomic(args.export, aggregator.document(ended=True))
         raise
     finally:
+        if drainer is not None:  # left early (an error): stop the thread before the writer closes
+            with contextlib.suppress(Exception):
+                drainer.stop()
         if dashboard is not None:
             dashboard.stop()
         if writer is not None:
@@ -206,26 +210,12 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
     return 0
 
 
-def _wait(stop: threading.Event, until: float, drain: Callable[[], None] | None) -> None:
-    """Until `until` (or a stop), draining the event ring buffer every DRAIN_EVERY_S if it is on."""
+def _wait(stop: threading.Event, until: float) -> None:
     while not stop.is_set():
         left = until - time.monotonic()
         if left <= 0:
             return
-        stop.wait(min(left, DRAIN_EVERY_S if drain is not None else 0.1))
-        if drain is not None:
-            drain()
-
-
-def _drain(probes: Any, writer: export.EventWriter | None, aggregator: Aggregator,
-           only: set[int] | None) -> None:
-    """One block of per-connection records: to the --events file and the dashboard's recent events."""
-    block = probes.drain_events()
-    if not block:
-        return
-    if writer is not None:
-        writer.write_block(block)
-    aggregator.add_event_block(block, frozenset(only) if only else None)
+        stop.wait(min(left, 0.1))
 
 
 def _inodes(topology: discovery.Topology) -> list[int]:

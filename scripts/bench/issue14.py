@@ -139,8 +139,17 @@ def render(add: Any, results: dict[str, Any]) -> None:
         add(f"Both versions ran in the same interleaved rounds (modes `aw-before`, `aw-events-before`; "
             f"`aw-before` in the pinned loopback runs). Other processes used a median {busy:.1f} % of a "
             f"core (at most {max(others):.1f} %) during the nginx runs"
-            + (": **the machine was shared and loaded**, so the nginx ratios are noisy; the pinned "
-               "loopback figures are the sharper comparison." if busy > 5 else "."))
+            + (": **the machine was shared and loaded**, so the nginx ratios are noisy."
+               if busy > 5 else "."))
+        lb_sum = (results.get("loopback") or {}).get("summary") or {}
+        lb_sd = lb_sum.get("baseline", {}).get("us_per_conn", {})
+        if lb_sd.get("sd", 0) > 1.0:
+            add("")
+            add(f"The pinned loopback runs were disturbed as well (baseline {lb_sd['median']:.1f} µs per "
+                f"connection with a run-to-run standard deviation of {lb_sd['sd']:.1f} µs: other processes "
+                "ran on the pinned CPU), too much to resolve differences under a µs. The sharpest "
+                "before/after figure of this run is the kernel's own accounting of the programs' run time "
+                "(bpf_stats rows below), which other load does not inflate as much.")
         add("")
     add("| figure | before | after |")
     add("|---|---|---|")
@@ -151,7 +160,10 @@ def render(add: Any, results: dict[str, Any]) -> None:
                 add(f"| {wl} {what}: throughput loss | {_loss(b)} | {_loss(a)} |")
                 add(f"| {wl} {what}: p99 change | {_p99(b)} | {_p99(a)} |")
                 add(f"| {wl} {what}: daemon CPU (% of a core) | {_cpu(b)} | {_cpu(a)} |")
-                add(f"| {wl} {what}: RSS MB | {b['rss_mb']['median']:.1f} | {a['rss_mb']['median']:.1f} |")
+                rss_b, rss_a = b["rss_mb"]["median"], a["rss_mb"]["median"]
+                add(f"| {wl} {what}: VmRSS MB (median) | {rss_b:.1f} | {rss_a:.1f} |")
+                add(f"| {wl} {what}: RssAnon MB (median; VmRSS also counts library pages other processes "
+                    f"map) | {b['anon_mb']['median']:.1f} | {a['anon_mb']['median']:.1f} |")
     lb = (results.get("loopback") or {}).get("summary") or {}
     if "aw" in lb and "aw-before" in lb:
         add(f"| pinned loopback: added µs per connection | {lb['aw-before']['added_us']['median']:+.2f} | "
