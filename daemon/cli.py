@@ -88,6 +88,12 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+def sample_rate(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1000000, got {text!r}")
+    return int(text)
+
+
 def listen_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or len(port) > 5 or not 0 <= int(port) < 65536:
@@ -135,6 +141,8 @@ def watch_parser() -> argparse.ArgumentParser:
                    help="write the JSON document here (atomically, every few seconds and at exit)")
     p.add_argument("--events", type=Path, metavar="FILE.ndjson",
                    help="one JSON line per connection (switches on the per-connection stream)")
+    p.add_argument("--events-sample", type=sample_rate, default=1, metavar="N",
+                   help="with --events: one line per N connections, marked sampled_1_in (default 1: all)")
     p.add_argument("--port", type=port_number, action="append", metavar="N",
                    help="only the server's listening port N (repeatable; default: all of them)")
     p.add_argument("--probe", choices=["auto", "fexit", "kretprobe", "tracepoint"], default="auto",
@@ -146,6 +154,9 @@ def watch_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard")
     p.add_argument("--stream", action="store_true",
                    help="per-connection events for the dashboard's /api/events (costs CPU at high rates)")
+    p.add_argument("--no-inflight", action="store_true",
+                   help="do not follow connections to their close (no in-flight counts or accept->close "
+                        "times; saves the TCP state-change tracepoint, the largest per-connection cost)")
     p.add_argument("--interval", type=interval_seconds, default=1.0,
                    help=f"seconds between map reads, {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} (1)")
     p.add_argument("--print-bpf", action="store_true", help="print the generated BPF program and exit")

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from accept_watch.probes.records import degraded_lines
+
 from . import analysis
 from .export import ExportError, check_writable, write_text_atomic
 from .report_html import flag_messages, fmt_p, fmt_span, render_html
@@ -344,6 +346,7 @@ def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100,
     if lost:
         out.append(st.warn(f"!  {lost:,} per-connection event(s) were lost (ring buffer full); "
                            "the counters stay exact"))
+    out += [st.warn(f"!  {line}") for line in degraded_lines(doc.get("diagnostics"))]
 
     verdict = result["verdict"]
     fair = result["fairness"]

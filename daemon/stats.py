@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
 from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot, ListenerCounters
 
@@ -174,7 +175,8 @@ class Aggregator:
         self._bin_start = self.clock.start_mono
         self._bin: dict[int, int] = {}
         self._rate_history: deque[list[Any]] = deque(maxlen=int(HISTORY_S / BIN_CLOSE_S) + 2)
-        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        # dicts (add_event) or raw ring records (add_event_block), newest last
+        self._events: deque[dict[str, Any] | bytes] = deque(maxlen=max_events)
         self._roles: dict[int, str] = {}
         self._alive_now: set[int] | None = None
         self._shares = ShareTracker(self.clock.start_mono, topology.processes)
@@ -198,6 +200,13 @@ class Aggregator:
         with self._lock:
             self._events.append(d)
 
+    def add_event_block(self, block: bytes, ports: frozenset[int] | None = None) -> None:
+        """Records drained from the ring buffer: only the newest are kept (as raw bytes), and
+        decoded when someone asks for them; at full rate most are never looked at."""
+        newest = newest_events(block, self._events.maxlen or 0, ports)
+        with self._lock:
+            self._events.extend(newest)
+
     def recent_events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The last `limit` per-connection events, oldest first."""
         if limit < 0:
@@ -205,7 +214,8 @@ class Aggregator:
         with self._lock:
             if limit == 0:
                 return []
-            return list(self._events)[-limit:]
+            recent = list(self._events)[-limit:]
+        return [event_to_dict(decode_event(e), self.clock) if isinstance(e, bytes) else e for e in recent]
 
     def note_blocked(self, holding: Mapping[int, int]) -> None:
         """pid -> connections held by a worker seen blocked in its handler (daemon/blocked.py)."""

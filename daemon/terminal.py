@@ -9,6 +9,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from accept_watch.probes.records import degraded_lines
+
 from .analysis import inflight_flagged
 from .sanitize import clean_doc
 
@@ -236,6 +238,7 @@ def _why_lines(doc: dict[str, Any], width: int) -> list[tuple[str, str | None]]:
                     f"{errors.get('last_error')}", "red"))
     for flag in analysis.get("flags") or []:
         out.append((f"  ! {flag.get('message', flag)}", "yellow"))
+    out += [(f"  ! {line}", "yellow") for line in degraded_lines(doc.get("diagnostics"))]
     return out
 
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import psutil
 from accept_watch.probes import environment
-from accept_watch.probes.records import AcceptEvent, KernelSnapshot, ProbeKind
+from accept_watch.probes.records import KernelSnapshot, ProbeKind
 
 from . import analysis, discovery, export, follow, terminal, waitmode
 from .backstop import Backstop
 from .blocked import blocked_workers
+from .eventdrain import EventDrainer
 from .exportsink import ExportSink
 from .roles import assign_roles
 from .sanitize import clean
@@ -95,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     from accept_watch.probes.kernel import AcceptProbes
     from accept_watch.probes.offsets import load_layout
 
+    if args.events_sample != 1 and args.events is None:
+        raise WatchError("--events-sample needs --events FILE")
     pid = _target_pid(args)
     _check_outputs(args)
     if args.print_bpf:
@@ -140,7 +143,7 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
                       ports: list[int], stop: threading.Event, dashboard: Any = None) -> int:
     from accept_watch.probes.kernel import AcceptProbes
 
-    with AcceptProbes(layout, emit_events=want_events) as probes:
+    with AcceptProbes(layout, emit_events=want_events, inflight=not args.no_inflight) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
         if args.port:
             probes.only_watched_ports(True)
@@ -168,19 +171,15 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
     only = set(args.port) if args.port else None
     aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
     blocked = BlockedSampler()
-    writer = export.EventWriter(args.events, clock=aggregator.clock) if args.events else None
+    events = args.events is not None or args.stream
+    writer = (export.EventWriter(args.events, clock=aggregator.clock, ports=only, sample=args.events_sample)
+              if args.events else None)
+    drainer = EventDrainer(probes, writer, aggregator, only) if events else None
     dashboard = None
     sink = _export_sink(args, aggregator)
     try:
-        if writer is not None or args.stream:
-            def on_event(ev: AcceptEvent) -> None:
-                if only and ev.local_port not in only:
-                    return
-                aggregator.add_event(ev)
-                if writer is not None:
-                    writer.write(ev)
-
-            probes.open_events(on_event)
+        if drainer is not None:
+            drainer.start()
         if bound is not None:
             dashboard = _start_dashboard(bound)
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -195,7 +194,9 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             tick_end = time.monotonic() + args.interval
             if deadline is not None:
                 tick_end = min(tick_end, deadline)
-            _wait(probes, stop, tick_end, events=writer is not None or args.stream)
+            _wait(stop, tick_end)
+            if drainer is not None:
+                drainer.check()
             now = time.monotonic()
             snapshot = probes.snapshot()
             backstop.check(now)
@@ -228,8 +229,9 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             if deadline is not None and now >= deadline:
                 break
         # Final read after the loop so nothing counted in the last interval is lost.
-        if writer is not None or args.stream:
-            probes.poll_events(0)
+        if drainer is not None:
+            drainer.stop()
+            drainer = None
         topology = follower.topology
         final = probes.snapshot()
         aggregator.update(_only_ports(final, only), topology, _depths(topology) or {},
@@ -241,6 +243,9 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             sink.final(aggregator.document(ended=True))
         raise
     finally:
+        if drainer is not None:  # left early (an error): stop the thread before the writer closes
+            with contextlib.suppress(Exception):
+                drainer.stop()
         if dashboard is not None:
             dashboard.stop()
         if writer is not None:
@@ -252,15 +257,12 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
     return 0 if exported else 1
 
 
-def _wait(probes: Any, stop: threading.Event, until: float, events: bool) -> None:
+def _wait(stop: threading.Event, until: float) -> None:
     while not stop.is_set():
         left = until - time.monotonic()
         if left <= 0:
             return
-        if events:
-            probes.poll_events(int(min(left, 0.1) * 1000))
-        else:
-            stop.wait(min(left, 0.1))
+        stop.wait(min(left, 0.1))
 
 
 def _inodes(topology: discovery.Topology) -> list[int]:

@@ -28,30 +28,38 @@ struct worker_key {
     u16 pad;
 };
 
+// Per CPU (worker_stats is a per-CPU hash): each CPU counts into its own copy, user space sums them
+// (probes/kernel.py). No cache line moves between CPUs. The adds stay atomic: they are on a line
+// only this CPU touches (cheap), and a program can still be preempted by another task running the
+// same program on the same CPU (syscall tracepoints may run preemptible), where a plain += could lose
+// a count. Accept-side fields are written only at accept, close-side ones only at close.
 struct worker_val {
     u64 accepts;
-    u64 first_ns;
-    u64 last_ns;
+    u64 first_ns;      // min over CPUs (0 = this CPU saw none)
+    u64 last_ns;       // max over CPUs
     u64 wait_count;
     u64 wait_sum_ns;
     u64 wait_max_ns;
     u64 backstop;   // accepts counted by the syscall-exit backstop in fexit/kretprobe mode
-    // Hidden in-worker queueing: connections accepted and not yet closed by this worker.
-    s64 inflight;
-    u64 inflight_max;
-    u64 busy_accepts;  // accepts made while the worker already held >= 1 open connection
     u64 closed;
     u64 life_sum_ns;   // accept -> close
     u64 life_max_ns;
 };
 
-// One TCP connection on a watched port, from the moment its child socket is created (it enters
-// the listener's accept queue) until the worker closes it. Inserted at queue entry, or at accept
-// when queue entry was not seen; deleted when the worker is done with it or it dies.
+// Hidden in-worker queueing: connections accepted and not yet closed by this worker. The one
+// per-worker value that must be shared by all CPUs (a live count, read at each accept); its line
+// is written by the worker's own accepts and closes, so it rarely moves between CPUs.
+struct worker_live {
+    s64 inflight;
+    u64 inflight_max;
+    u64 busy_accepts;  // accepts made while the worker already held >= 1 open connection
+};
+
+// One accepted TCP connection on a watched port, until the worker closes it (or it dies): what the
+// close must find to count it against the right worker. Inserted at accept, on the worker's CPU.
 struct conn {
-    u64 queued_ns;     // 0: queue entry not seen (queued before attach, or map was full)
-    u64 accepted_ns;   // 0: not accepted yet
-    u32 tgid;          // accepting worker, once accepted
+    u64 accepted_ns;
+    u32 tgid;
     u16 port;
     u16 pad;
 };
@@ -85,21 +93,30 @@ struct trans_key {
     u32 pad2;
 };
 
+// One accepted connection, for the per-connection stream. What changes from connection to connection
+// comes first; what stays the same for a worker thread on one listener (pid, tid, name, local
+// address, listener) is one contiguous block, so user space formats it once and reuses the text
+// (daemon/eventlog.py keys its cache by those bytes). probes/eventring.py mirrors this layout.
 struct accept_event {
     u64 ts_ns;
     u64 wait_ns;         // valid when flags & EVF_WAIT_KNOWN
-    u64 listener_ino;    // valid when flags & EVF_LISTENER_KNOWN
+    u32 backlog;         // valid when flags & EVF_LISTENER_KNOWN
+    u16 rport;
+    u8 flags;
+    u8 pad0;
+    u8 raddr[16];
+    // -- the same for every accept of one thread on one listener --
+    u64 listener_ino;    // valid when flags & EVF_LISTENER_KNOWN (0 otherwise)
     u32 tgid;
     u32 tid;
-    u32 backlog;
-    u32 backlog_limit;
+    u32 backlog_limit;   // 0 when the listener is unknown
     u16 family;
     u16 lport;
-    u16 rport;
     u8 source;
-    u8 flags;
+    u8 listener_known;
+    u16 pad1;
+    u32 pad2;
     u8 laddr[16];
-    u8 raddr[16];
     char comm[16];
 };
 
@@ -110,9 +127,14 @@ struct accept_event {
 // descendants, then kept up to date here from sched_process_fork/exit so a worker
 // respawned between two user-space refreshes is counted from its first accept.
 BPF_HASH(tracked, u32, u8, MAX_TRACKED);
-BPF_HASH(worker_stats, struct worker_key, struct worker_val, MAX_WORKER_KEYS);
+// Per-CPU maps are allocated as entries appear (BPF_F_NO_PREALLOC): preallocated, a per-CPU map
+// reserves max_entries x CPUs values up front (65536 workers x 96 B x 64 CPUs = 400 MB).
+BPF_F_TABLE("percpu_hash", struct worker_key, struct worker_val, worker_stats, MAX_WORKER_KEYS,
+            BPF_F_NO_PREALLOC);
+BPF_HASH(worker_live, struct worker_key, struct worker_live, MAX_WORKER_KEYS);
 BPF_HASH(wait_hist, struct hist_key, u64, MAX_HIST_KEYS);
-BPF_HASH(listener_stats, u64, struct listener_val, MAX_LISTENERS);
+// Every worker accepts on the same listener: per CPU, or its line would move at every accept.
+BPF_F_TABLE("percpu_hash", u64, struct listener_val, listener_stats, MAX_LISTENERS, BPF_F_NO_PREALLOC);
 BPF_HASH(last_acceptor, u16, u32, MAX_LISTENERS);
 BPF_HASH(transitions, struct trans_key, u64, MAX_TRANSITIONS);
 // Per thread (tid): the accept() it is in. Entries are reused call after call (written in place,
@@ -124,11 +146,12 @@ BPF_HASH(in_accept, u32, struct accept_call, MAX_TRACKED);
 BPF_HASH(backstop_pending, u32, u8, MAX_TRACKED);
 // Local ports whose connections we follow from queue entry to close (the servers' listeners).
 BPF_ARRAY(watched_ports, u8, 65536);
-// Child sock -> its connection. A plain preallocated hash, not an LRU: measured here, an LRU
-// insert costs ~130 ns against ~25 ns, and every socket reaches TCP_CLOSE, where its entry is
-// deleted, so nothing accumulates; an insert into a full map is counted (DIAG_CONNS_MAP_FULL).
+// Accepted sock -> its connection, for in-flight counting. A plain preallocated hash, not an LRU:
+// measured here, an LRU insert costs ~130 ns against ~25 ns, and every socket reaches TCP_CLOSE,
+// where its entry is deleted, so nothing accumulates; an insert into a full map is counted
+// (DIAG_CONNS_MAP_FULL).
 BPF_HASH(conns, u64, struct conn, MAX_CONNS);
-BPF_ARRAY(diag, u64, DIAG_SLOTS);
+BPF_PERCPU_ARRAY(diag, u64, DIAG_SLOTS);
 BPF_ARRAY(config, u64, CFG_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
@@ -268,7 +291,7 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
     struct worker_val *val = worker_stats.lookup(&key);
     if (!val) {
         struct worker_val zero = {.first_ns = now};
-        worker_stats.insert(&key, &zero);   // BPF_NOEXIST: a racing CPU's insert wins
+        worker_stats.insert(&key, &zero);   // BPF_NOEXIST; this CPU's copy is the one we get back
         val = worker_stats.lookup(&key);
         if (!val) {
             diag_inc(DIAG_STATS_MAP_FULL);
@@ -280,20 +303,26 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
     if (backstop)
         __sync_fetch_and_add(&val->backstop, 1);
     if (tracked) {
-        // The fetching form of atomic add (using its result) needs kernel 5.12+: add, then read.
-        __sync_fetch_and_add(&val->inflight, 1);
-        s64 held = val->inflight;   // open connections including this one (racy read: fine for a max)
-        if (held > 1)
-            __sync_fetch_and_add(&val->busy_accepts, 1);
-        if (held > 0 && (u64)held > val->inflight_max)
-            val->inflight_max = held;
+        struct worker_live zero_live = {};
+        struct worker_live *live = worker_live.lookup_or_try_init(&key, &zero_live);
+        if (live) {
+            // The fetching form of atomic add (using its result) needs kernel 5.12+: add, then read.
+            __sync_fetch_and_add(&live->inflight, 1);
+            s64 held = live->inflight;   // open connections including this one (racy read: fine for a max)
+            if (held > 1)
+                __sync_fetch_and_add(&live->busy_accepts, 1);
+            if (held > 0 && (u64)held > live->inflight_max)
+                live->inflight_max = held;
+        } else {
+            diag_inc(DIAG_STATS_MAP_FULL);
+        }
     }
     if (!wait_known)
         return;
     __sync_fetch_and_add(&val->wait_count, 1);
     __sync_fetch_and_add(&val->wait_sum_ns, wait_ns);
     if (wait_ns > val->wait_max_ns)
-        val->wait_max_ns = wait_ns;   // racy max: off only if two CPUs race on one worker
+        val->wait_max_ns = wait_ns;
 
     struct hist_key hkey = {.tgid = tgid, .port = port, .bucket = hist_bucket(wait_ns)};
     u64 zero = 0;
@@ -310,10 +339,11 @@ static __always_inline void count_listener(u64 listener_sk, u64 ino, u16 port, u
     *limit = read_u32(listener_sk, OFF_SK_MAX_ACK_BACKLOG);
     struct listener_val zero = {.port = port};
     struct listener_val *lv = listener_stats.lookup_or_try_init(&ino, &zero);
-    if (!lv)
+    if (!lv) {
+        diag_inc(DIAG_LISTENERS_MAP_FULL);
         return;
-    // One entry shared by every worker, so on every CPU: write only what changed (a line written
-    // from two CPUs in turn moves between their caches at each write).
+    }
+    // This CPU's copy (per-CPU map; user space sums accepts and takes the highest depth).
     __sync_fetch_and_add(&lv->accepts, 1);
     if (*limit != lv->backlog_limit)
         lv->backlog_limit = *limit;
@@ -327,7 +357,9 @@ static __always_inline void count_transition(u32 tgid, u16 port)
 {
     u32 *prev = last_acceptor.lookup(&port);
     if (!prev) {
-        last_acceptor.update(&port, &tgid);
+        // One entry per listening port: full only with more ports than MAX_LISTENERS.
+        if (last_acceptor.update(&port, &tgid) != 0)
+            diag_inc(DIAG_TRANSITIONS_MAP_FULL);
         return;
     }
     struct trans_key tk = {.prev_tgid = *prev, .tgid = tgid, .port = port};
@@ -360,30 +392,34 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     if (config_get(CFG_ONLY_WATCHED_PORTS) && !port_watched(lport))
         return;   // --port: another port of the server, not asked for
 
+    // Accept-queue wait: the child socket was stamped (µs) when its handshake completed, the moment it
+    // entered the accept queue. Still 0 (the value cloned from the listener): fexit/kretprobe run before
+    // accept() locks the socket, and can take a child the softirq has queued but not yet finished
+    // (it stamps it right after): it was queued microseconds ago, so its wait is taken as 0 and the
+    // case counted (DIAG_WAIT_IN_HANDSHAKE). The syscall exit comes after that lock: never 0 there.
+    // A stamp in the future cannot be a queue entry: unknown.
     u64 wait_ns = 0;
     int wait_known = 0;
+    u64 established_us = read_ptr(sk, OFF_TCP_RCVQ_SPACE_TIME);
+    if (!established_us) {
+        wait_known = 1;
+        diag_inc(DIAG_WAIT_IN_HANDSHAKE);
+    } else if (established_us <= now / 1000) {   // (not * 1000: a garbage value would overflow)
+        wait_ns = now - established_us * 1000;
+        wait_known = 1;
+    } else {
+        diag_inc(DIAG_WAIT_UNKNOWN);
+    }
+    // In-flight: followed to its close by the state-change tracepoint, when that is on. Not a socket
+    // that already died (TCP_CLOSE): no transition would ever remove its entry.
     int tracked = 0;
-    struct conn *c = conns.lookup(&sk);
-    if (c && !c->accepted_ns) {
-        if (c->queued_ns) {
-            wait_ns = now > c->queued_ns ? now - c->queued_ns : 0;
-            wait_known = 1;
-        }
-        c->accepted_ns = now;   // in place; the entry now follows the connection to its close
-        c->tgid = tgid;
-        c->port = lport;
-        tracked = 1;
-    } else if (!c && port_watched(lport) && read_u8(sk, OFF_SK_STATE) != AW_TCP_CLOSE) {
-        // Queued before attach (or the map was full then): follow it from here. Not for a socket
-        // that already died (TCP_CLOSE): no transition would ever remove its entry.
+    if (config_get(CFG_INFLIGHT) && port_watched(lport) && read_u8(sk, OFF_SK_STATE) != AW_TCP_CLOSE) {
         struct conn fresh = {.accepted_ns = now, .tgid = tgid, .port = lport};
         if (conns.update(&sk, &fresh) == 0)
             tracked = 1;
         else
             diag_inc(DIAG_CONNS_MAP_FULL);
     }
-    if (!wait_known)
-        diag_inc(DIAG_WAIT_UNKNOWN);
 
     int backstop = source == SRC_SYSCALL_EXIT && config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT;
     if (backstop)
@@ -406,18 +442,23 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     }
     ev->ts_ns = now;
     ev->wait_ns = wait_ns;
+    ev->backlog = depth;
+    ev->rport = __builtin_bswap16(read_u16(sk, OFF_SK_DPORT));
+    ev->flags = (wait_known ? EVF_WAIT_KNOWN : 0) | (listener_sk ? EVF_LISTENER_KNOWN : 0);
+    ev->pad0 = 0;
     ev->listener_ino = listener_sk ? listener_ino : 0;
     ev->tgid = tgid;
     ev->tid = (u32)pid_tgid;
-    ev->backlog = depth;
-    ev->backlog_limit = limit;
+    ev->backlog_limit = listener_sk ? limit : 0;
     ev->family = family;
     ev->lport = lport;
-    ev->rport = __builtin_bswap16(read_u16(sk, OFF_SK_DPORT));
     ev->source = source;
-    ev->flags = (wait_known ? EVF_WAIT_KNOWN : 0) | (listener_sk ? EVF_LISTENER_KNOWN : 0);
+    ev->listener_known = listener_sk ? 1 : 0;
+    ev->pad1 = 0;
+    ev->pad2 = 0;
     __builtin_memset(ev->laddr, 0, sizeof(ev->laddr));
     __builtin_memset(ev->raddr, 0, sizeof(ev->raddr));
+    __builtin_memset(ev->comm, 0, sizeof(ev->comm));
     if (family == AW_AF_INET) {
         bpf_probe_read_kernel(ev->laddr, 4, (void *)(sk + OFF_SK_RCV_SADDR));
         bpf_probe_read_kernel(ev->raddr, 4, (void *)(sk + OFF_SK_DADDR));
@@ -426,7 +467,8 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
         bpf_probe_read_kernel(ev->raddr, 16, (void *)(sk + OFF_SK_V6_DADDR));
     }
     bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-    events.ringbuf_submit(ev, 0);
+    // No wakeup per record: the daemon drains the ring on its own clock (probes/eventring.py).
+    events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline int is_tracked(void)
@@ -562,29 +604,34 @@ TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { on_accept_enter(args->fd); retur
 TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accept_exit(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept_exit(args->ret); return 0; }
 
-// --- Accept-queue entry time, and when workers are done with connections --------------------
-// Why: a child socket is born (state SYN_RECV) when the handshake's last ACK arrives, the moment
-// it is put on the listener's accept queue. Keyed by the child sock, the same pointer accept
-// returns, so accept time minus this is the time spent in the queue.
-// The worker is done with an accepted connection when it closes or shuts it down
-// (ESTABLISHED/CLOSE_WAIT -> FIN_WAIT1/LAST_ACK) or the connection dies (-> CLOSE).
-// A raw tracepoint, not the perf one: every TCP state change of the machine passes here (about
-// eight per connection, clients' included), and the raw form skips building a trace record.
+// --- When workers are done with connections (in-flight) -------------------------------------
+// Why: the worker is done with an accepted connection when it closes or shuts it down
+// (ESTABLISHED/CLOSE_WAIT -> FIN_WAIT1/LAST_ACK) or the connection dies (-> CLOSE). A raw
+// tracepoint, not the perf one: every TCP state change of the machine passes here (about ten per
+// connection, clients' included), and the raw form skips building a trace record. Attached only
+// with in-flight tracking on (the default; --no-inflight leaves it out, CFG_INFLIGHT 0).
+// (The accept-queue wait needs no hook of its own: the child socket carries its queue-entry stamp.)
 static __always_inline void on_conn_done(u64 sk)
 {
     struct conn *c = conns.lookup(&sk);
     if (!c)
         return;
-    u64 accepted_ns = c->accepted_ns;
+    u64 life = bpf_ktime_get_ns() - c->accepted_ns;
     struct worker_key key = {.tgid = c->tgid, .port = c->port};
     conns.delete(&sk);
-    if (!accepted_ns)
-        return;   // died in the accept queue
-    u64 life = bpf_ktime_get_ns() - accepted_ns;
+    struct worker_live *live = worker_live.lookup(&key);
+    if (live)
+        __sync_fetch_and_add(&live->inflight, -1);
+    // This CPU's copy: a connection reset by the peer closes in the softirq of whichever CPU got the
+    // packet, which may never have counted an accept of this worker (first_ns 0: no accept here).
     struct worker_val *val = worker_stats.lookup(&key);
-    if (!val)
-        return;
-    __sync_fetch_and_add(&val->inflight, -1);
+    if (!val) {
+        struct worker_val zero = {};
+        worker_stats.insert(&key, &zero);
+        val = worker_stats.lookup(&key);
+        if (!val)
+            return;
+    }
     __sync_fetch_and_add(&val->closed, 1);
     __sync_fetch_and_add(&val->life_sum_ns, life);
     if (life > val->life_max_ns)
@@ -597,14 +644,14 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     u64 sk = ctx->args[0];
     int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
-    // Cheapest tests first: most transitions (SYN_SENT, ESTABLISHED, FIN_WAIT2, CLOSE_WAIT,
-    // TIME_WAIT) never matter, nor does the final CLOSE of a socket whose worker already closed
-    // it (its entry went at FIN_WAIT1/LAST_ACK): only a connection that dies while queued or
-    // open (from SYN_RECV, ESTABLISHED or CLOSE_WAIT) still has one.
+    // Cheapest tests first: most transitions (SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT2,
+    // CLOSE_WAIT, TIME_WAIT) never matter, nor does the final CLOSE of a socket whose worker already
+    // closed it (its entry went at FIN_WAIT1/LAST_ACK): only a connection that dies while open (from
+    // ESTABLISHED or CLOSE_WAIT; SYN_RECV for a TCP Fast Open child accepted early) still has one.
     if (newstate == AW_TCP_CLOSE) {
         if (oldstate != AW_TCP_SYN_RECV && oldstate != AW_TCP_ESTABLISHED && oldstate != AW_TCP_CLOSE_WAIT)
             return 0;
-    } else if (newstate != AW_TCP_SYN_RECV && newstate != AW_TCP_FIN_WAIT1 && newstate != AW_TCP_LAST_ACK) {
+    } else if (newstate != AW_TCP_FIN_WAIT1 && newstate != AW_TCP_LAST_ACK) {
         return 0;
     }
     // Only sockets whose local port is one of the server's listeners (clients' sockets fail here).
@@ -615,17 +662,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
         return 0;
     if (read_u16(sk, OFF_SK_PROTOCOL) != AW_IPPROTO_TCP)
         return 0;
-    if (newstate != AW_TCP_SYN_RECV) {
-        on_conn_done(sk);
-        return 0;
-    }
-    // The child socket is created in SYN_RECV when the handshake's last ACK arrives, and queued
-    // right after; its SYN_RECV->ESTABLISHED transition comes later still, so a worker spinning
-    // on accept() on another CPU can dequeue it first (seen in the kernel matrix). Stamping at
-    // creation cannot be overtaken. (With TCP Fast Open the child is queued at the SYN.)
-    struct conn fresh = {.queued_ns = bpf_ktime_get_ns()};
-    if (conns.update(&sk, &fresh) != 0)
-        diag_inc(DIAG_CONNS_MAP_FULL);
+    on_conn_done(sk);
     return 0;
 }
 

@@ -17,10 +17,13 @@ class ConfigSlot(enum.IntEnum):
     # counted so it is not counted twice; 0 once it is retired (nothing left for it to catch): the
     # syscall-exit programs then return at once.
     BACKSTOP = 2
+    # 1: follow accepted connections to their close (in-flight counts, accept->close time); needs the
+    # inet_sock_set_state tracepoint, which is attached only then.
+    INFLIGHT = 3
     # 1 with --port: accepts on the server's other ports are not counted at all (without it, a port
     # the server opens between two scans is counted before user space adds it to watched_ports).
-    ONLY_WATCHED_PORTS = 3
-    SLOTS = 4
+    ONLY_WATCHED_PORTS = 4
+    SLOTS = 5
 
 
 PROBE_KIND_IDS: dict[ProbeKind, int] = {ProbeKind.FEXIT: 1, ProbeKind.KRETPROBE: 2, ProbeKind.TRACEPOINT: 3}
@@ -34,7 +37,7 @@ MAP_SIZES: dict[str, int] = {
     "MAX_TRANSITIONS": 262144,  # (port, previous worker, worker)
     "MAX_CONNS": 262144,  # connections in accept queues or accepted and not yet closed
 }
-RINGBUF_PAGES = 256  # 1 MiB per-connection event buffer (x86_64 4 KiB pages)
+RINGBUF_PAGES = 512  # 2 MiB per-connection event buffer (x86_64 4 KiB pages): ~20 k records
 
 
 def generated_defines(layout_defines: dict[str, int]) -> dict[str, int]:

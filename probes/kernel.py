@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
-import socket
-import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,14 +22,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from . import defines
+from .eventring import EventRing, decode_event  # noqa: F401 - decode_event: kept importable here
 
 if TYPE_CHECKING:
     from .offsets import KernelLayout
 from .records import (
     PROBE_ORDER,
-    AcceptEvent,
     Counter,
-    EventSource,
     KernelSnapshot,
     ListenerCounters,
     ProbeKind,
@@ -59,11 +57,6 @@ RAW_TRACEPOINT_FNS: dict[str, bytes] = {
 # Enough kretprobe instances for every worker blocked in accept() at once; a miss would still be
 # caught by the syscall-exit backstop, but then counted as a backstop accept.
 KRETPROBE_MAXACTIVE = 4096
-
-# struct accept_event in accept_watch.c (natural alignment, no padding).
-EVENT_FORMAT = struct.Struct("<QQQIIIIHHHBB16s16s16s")
-EVF_WAIT_KNOWN = 1
-EVF_LISTENER_KNOWN = 2
 
 
 class ProbeError(Exception):
@@ -181,31 +174,17 @@ def compiler_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int
     return out
 
 
-def _addr(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw[:16])
-
-
-def decode_event(data: bytes) -> AcceptEvent:
-    (ts, wait, ino, tgid, tid, backlog, limit, family, lport, rport, source, flags, laddr, raddr,
-     comm) = EVENT_FORMAT.unpack_from(data)
-    listener_known = bool(flags & EVF_LISTENER_KNOWN)
-    return AcceptEvent(
-        ts_ns=ts,
-        pid=tgid,
-        tid=tid,
-        comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
-        family=family,
-        local_addr=_addr(family, laddr),
-        local_port=lport,
-        peer_addr=_addr(family, raddr),
-        peer_port=rport,
-        queue_wait_ns=wait if flags & EVF_WAIT_KNOWN else None,
-        backlog=backlog if listener_known else None,
-        backlog_limit=limit if listener_known else None,
-        listener_inode=ino if listener_known and ino else None,
-        source=EventSource(source),
+def _worker(pid: int, port: int, per_cpu: Any, live: tuple[int, int, int]) -> WorkerCounters:
+    """One worker's per-CPU counters summed (first seen: the earliest CPU's; 0 = none on that CPU)."""
+    firsts = [c.first_ns for c in per_cpu if c.first_ns]
+    inflight, inflight_max, busy = live
+    return WorkerCounters(
+        pid=pid, port=port, accepts=sum(c.accepts for c in per_cpu), first_ns=min(firsts, default=0),
+        last_ns=max(c.last_ns for c in per_cpu), wait_count=sum(c.wait_count for c in per_cpu),
+        wait_sum_ns=sum(c.wait_sum_ns for c in per_cpu), wait_max_ns=max(c.wait_max_ns for c in per_cpu),
+        backstop_accepts=sum(c.backstop for c in per_cpu), inflight=max(0, inflight),
+        inflight_max=inflight_max, busy_accepts=busy, closed=sum(c.closed for c in per_cpu),
+        life_sum_ns=sum(c.life_sum_ns for c in per_cpu), life_max_ns=max(c.life_max_ns for c in per_cpu),
     )
 
 
@@ -213,6 +192,11 @@ def _int(value: Any) -> int:
     """A map key or value of a plain integer type: an int from a batch buffer (ctypes converts
     array items of simple types), a ctypes integer from BCC's own iteration."""
     return value if isinstance(value, int) else value.value
+
+
+# What the kernel answers for a map type without batch operations: ENOTSUPP (524, kernel-internal,
+# no errno name), EOPNOTSUPP, EINVAL.
+BATCH_UNSUPPORTED = frozenset({524, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 class _TableReader:
@@ -245,8 +229,9 @@ class _TableReader:
                                        ctypes.byref(token_out), ctypes.byref(self.keys),
                                        ctypes.byref(self.values), ctypes.byref(count))
             err = ctypes.get_errno()
-            if res != 0 and err != errno.ENOENT and first and count.value == 0:
-                # Batch lookups unsupported here (before 5.6, or this map type): entry by entry.
+            if res != 0 and err != errno.ENOENT and first and (count.value == 0 or err in BATCH_UNSUPPORTED):
+                # Batch lookups unsupported here (before 5.6, or this map type: per-CPU arrays before
+                # 5.13 answer ENOTSUPP and leave count as it was): entry by entry.
                 self.batch_ok = False
                 yield from self.table.items()
                 return
@@ -263,13 +248,17 @@ class _TableReader:
 class AcceptProbes:
     """Compile, attach, read. Use as a context manager so probes are always detached."""
 
-    def __init__(self, layout: KernelLayout, emit_events: bool = False) -> None:
+    def __init__(self, layout: KernelLayout, emit_events: bool = False, inflight: bool = True) -> None:
         self.layout = layout
         self.emit_events = emit_events
+        # Follow accepted connections to their close (in-flight, accept->close time): the one feature
+        # that needs inet_sock_set_state, which fires ~10 times per connection machine-wide.
+        self.inflight = inflight
         self.program = generate_program(layout)
         self._bpf: Any = None
         self.result: AttachResult | None = None
         self._readers: dict[bytes, _TableReader] = {}
+        self._ring: EventRing | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def compile(self) -> float:
@@ -291,6 +280,7 @@ class AcceptProbes:
         self.track(pids)
         self.watch_ports(ports)
         self._set_config(defines.ConfigSlot.EMIT_EVENTS, int(self.emit_events))
+        self._set_config(defines.ConfigSlot.INFLIGHT, int(self.inflight))
         # Tracepoints first: from here on every accept of a tracked process is counted, whatever
         # happens to the attempts below.
         self._set_config(defines.ConfigSlot.PROBE_KIND, defines.PROBE_KIND_IDS[ProbeKind.TRACEPOINT])
@@ -298,7 +288,7 @@ class AcceptProbes:
             self._attach_tracepoints(TRACEPOINT_FNS)
             if not self.layout.listener_from_regs:
                 self._attach_tracepoints(ENTER_TRACEPOINT_FNS)
-            for tp, fn in RAW_TRACEPOINT_FNS.items():
+            for tp, fn in (RAW_TRACEPOINT_FNS.items() if self.inflight else ()):
                 self._attach_one("raw tracepoint", self._bpf.attach_raw_tracepoint, tp, fn)
         except ProbeError:
             self.close()
@@ -362,12 +352,13 @@ class AcceptProbes:
         return None
 
     def _describe(self, kind: ProbeKind) -> str:
+        off = "" if self.inflight else "; in-flight tracking off (--no-inflight)"
         if kind is ProbeKind.FEXIT:
-            return f"fexit {self.layout.accept_proto_text}; syscall-exit tracepoints as backstop"
+            return f"fexit {self.layout.accept_proto_text}; syscall-exit tracepoints as backstop{off}"
         if kind is ProbeKind.KRETPROBE:
-            return "kretprobe inet_csk_accept (return value only); syscall-exit tracepoints as backstop"
+            return f"kretprobe inet_csk_accept (return value only); syscall-exit tracepoints as backstop{off}"
         return ("syscalls:sys_exit_accept/accept4 tracepoints, new fd resolved through the task's fd table; "
-                + self.layout.syscall_arg1_text)
+                + self.layout.syscall_arg1_text + off)
 
     def load_only(self, kind: ProbeKind) -> None:
         """Verifier-load one hook's program without attaching it (tests, doctor)."""
@@ -386,6 +377,9 @@ class AcceptProbes:
 
     def close(self) -> None:
         self._readers.clear()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._bpf.cleanup()
@@ -448,38 +442,33 @@ class AcceptProbes:
 
     def snapshot(self) -> KernelSnapshot:
         taken = time.monotonic_ns()
-        workers = tuple(
-            WorkerCounters(
-                pid=k.tgid, port=k.port, accepts=v.accepts, first_ns=v.first_ns, last_ns=v.last_ns,
-                wait_count=v.wait_count, wait_sum_ns=v.wait_sum_ns, wait_max_ns=v.wait_max_ns,
-                backstop_accepts=v.backstop, inflight=max(0, v.inflight), inflight_max=v.inflight_max,
-                busy_accepts=v.busy_accepts, closed=v.closed, life_sum_ns=v.life_sum_ns,
-                life_max_ns=v.life_max_ns,
-            )
-            for k, v in self._items(b"worker_stats")
-        )
+        live = {(k.tgid, k.port): (v.inflight, v.inflight_max, v.busy_accepts)
+                for k, v in self._items(b"worker_live")}
+        workers = tuple(_worker(k.tgid, k.port, per_cpu, live.get((k.tgid, k.port), (0, 0, 0)))
+                        for k, per_cpu in self._items(b"worker_stats"))
         hist: dict[tuple[int, int], dict[int, int]] = {}
         for k, v in self._items(b"wait_hist"):
             hist.setdefault((k.tgid, k.port), {})[k.bucket] = _int(v)
         listeners = tuple(
-            ListenerCounters(inode=_int(k), port=v.port, accepts=v.accepts,
-                             depth_max=v.depth_max, backlog_limit=v.backlog_limit)
-            for k, v in self._items(b"listener_stats")
+            ListenerCounters(inode=_int(k), port=max(c.port for c in per_cpu),
+                             accepts=sum(c.accepts for c in per_cpu),
+                             depth_max=max(c.depth_max for c in per_cpu),
+                             backlog_limit=max(c.backlog_limit for c in per_cpu))
+            for k, per_cpu in self._items(b"listener_stats")
         )
         transitions = {(k.port, k.prev_tgid, k.tgid): _int(v) for k, v in self._items(b"transitions")}
-        slots = {_int(k): _int(v) for k, v in self._items(b"diag")}
+        slots = {_int(k): sum(v) for k, v in self._items(b"diag")}
         diag = {c: slots.get(int(c), 0) for c in Counter}
         return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
 
     def tracked_pids(self) -> set[int]:
         return {k.value for k in self._bpf[b"tracked"].keys()}  # noqa: SIM118 - BCC tables
 
-    def open_events(self, callback: Callable[[AcceptEvent], None]) -> None:
-        def _on_event(_ctx: Any, data: Any, size: int) -> int:
-            callback(decode_event(ctypes.string_at(data, size)))
-            return 0
+    def open_events(self) -> None:
+        """Map the per-connection ring buffer; drain_events() then reads it in blocks."""
+        table = self._bpf[b"events"]
+        self._ring = EventRing(table.map_fd, defines.RINGBUF_PAGES * mmap.PAGESIZE)
 
-        self._bpf[b"events"].open_ring_buffer(_on_event)
-
-    def poll_events(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def drain_events(self) -> bytes:
+        """Every record committed since the last call (eventring.STRIDE bytes each); b"" if none."""
+        return self._ring.drain() if self._ring is not None else b""

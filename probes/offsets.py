@@ -51,6 +51,12 @@ REQUIRED: dict[str, tuple[str, str]] = {
     "SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "SK_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
     "SK_ACK_BACKLOG": ("sock", "sk_ack_backlog"),
+    # When the connection became ESTABLISHED, i.e. entered the accept queue (µs, CLOCK_MONOTONIC):
+    # tcp_init_buffer_space() stamps it from tcp_mstamp, and only the owner's reads (tcp_recvmsg ->
+    # tcp_rcv_space_adjust) move it again, which cannot happen before accept. Read at accept, it gives
+    # the queue wait without following the connection through the state-change tracepoint. (Not the
+    # more obvious tcp_mstamp / tcp_clock_cache: data arriving while queued refreshes those.)
+    "TCP_RCVQ_SPACE_TIME": ("tcp_sock", "rcvq_space.time"),
     "SK_MAX_ACK_BACKLOG": ("sock", "sk_max_ack_backlog"),
 }
 
@@ -84,6 +90,7 @@ EXPECTED: dict[str, FieldExpectation] = {
     "SK_V6_DADDR": FieldExpectation(16, False),
     "SK_V6_RCV_SADDR": FieldExpectation(16, False),
     "SK_ACK_BACKLOG": FieldExpectation(4, False),
+    "TCP_RCVQ_SPACE_TIME": FieldExpectation(8, False),
     "SK_MAX_ACK_BACKLOG": FieldExpectation(4, False),
 }
 

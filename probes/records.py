@@ -7,7 +7,7 @@ Nothing here imports bcc. Enum values are shared with the BPF C through generate
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ProbeKind(enum.StrEnum):
@@ -39,12 +39,19 @@ class Counter(enum.IntEnum):
     # The listening socket was not found: an accept() blocked before attach where the listening fd is
     # stashed at sys_enter (kernels < 5.15), or an io_uring accept seen by the kretprobe.
     LISTENER_UNKNOWN = 4
-    WAIT_UNKNOWN = 5  # accepted socket whose SYN_RECV->ESTABLISHED we did not see: no queue wait
+    # accepted socket whose queue-entry stamp is not plausible (in the future): no queue wait
+    WAIT_UNKNOWN = 5
     NON_INET = 6  # accept of a non-IPv4/IPv6 socket by a tracked process (ignored, e.g. unix sockets)
     BACKSTOP_ACCEPTS = 7  # accepts the syscall-exit backstop counted because fexit/kretprobe missed them
     TRACKED_MAP_FULL = 8  # a forked child could not be added to the tracked set
     TRANSITIONS_MAP_FULL = 9  # the accept-sequence transition map was full
     CONNS_MAP_FULL = 10  # connection map full: a connection's queue wait or in-flight time not followed
+    # Listener map full (more listening sockets than MAX_LISTENERS): an accept not counted per listener
+    # (its worker count stays exact; the listener's accepts, queue depth and accept sequence miss it).
+    LISTENERS_MAP_FULL = 11
+    # Not a loss: fexit/kretprobe took a connection whose handshake was still being finished on another
+    # CPU (queued, not yet stamped); its queue wait (microseconds at most) is counted as 0.
+    WAIT_IN_HANDSHAKE = 12
 
 
 DIAG_SLOTS = len(Counter)
@@ -52,6 +59,28 @@ DIAG_SLOTS = len(Counter)
 
 # Counters that mean a connection was not attributed at all (exactness is broken if > 0).
 LOSS_COUNTERS: tuple[Counter, ...] = (Counter.STATS_MAP_FULL, Counter.FD_WALK_FAILED)
+
+# Counters that mean a figure other than the per-worker counts is incomplete: shown whenever non-zero
+# (terminal, report), with what is missing. Keyed by the document's diagnostics names.
+DEGRADED: dict[str, str] = {
+    Counter.LISTENERS_MAP_FULL.name.lower(): "accepts missing from per-listener figures (listener map full)",
+    Counter.HIST_MAP_FULL.name.lower(): "queue-wait samples missing from the histograms (map full)",
+    Counter.TRANSITIONS_MAP_FULL.name.lower(): "accepts missing from the accept sequence (map full)",
+    Counter.CONNS_MAP_FULL.name.lower(): "connections without queue wait / in-flight time (map full)",
+    Counter.TRACKED_MAP_FULL.name.lower(): "forked processes not followed in the kernel (map full)",
+}
+
+
+def degraded_lines(diagnostics: object) -> list[str]:
+    """One line per non-zero DEGRADED counter of a document's diagnostics."""
+    if not isinstance(diagnostics, dict):
+        return []
+    out = []
+    for name, meaning in DEGRADED.items():
+        n = diagnostics.get(name)
+        if isinstance(n, int) and n > 0:
+            out.append(f"{name} {n:,}: {meaning}")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,4 +155,3 @@ class AcceptEvent:
     backlog_limit: int | None
     listener_inode: int | None
     source: EventSource
-    extra: dict[str, object] = field(default_factory=dict)

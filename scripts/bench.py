@@ -7,8 +7,11 @@ at fixed lower rates, and measures in paired, interleaved rounds:
 
   baseline   nothing attached
   aw         accept-watch as installed (counters only, dashboard on, a client polling /api/snapshot 1/s)
-  aw-events  the same with --events FILE (the per-connection stream, decoded in Python)
+  aw-events  the same with --events FILE (the per-connection stream, written as NDJSON)
   bpftrace   a bpftrace one-liner printing one line per accept (sys_exit_accept4) to a file
+  aw-before, aw-events-before   aw and aw-events with accept-watch as of an earlier commit (--before
+             REF, scripts/bench/before.py), at nginx's full speed and ~10 k/s: a change is measured
+             against its predecessor in the same interleaved rounds
 
 A pinned loopback measurement (scripts/bench/loopback.py) resolves what the nginx rounds cannot:
 CPU per connection with accept-watch, with empty programs on its hooks (the floor), with bpftrace.
@@ -41,8 +44,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
+import before
 import benchdoc
+import bpfstats
+import issue14
 import loopback
+from modes import BEFORE_MODES
 from procstat import (
     busy_cores,
     loadavg,
@@ -167,6 +174,7 @@ def run_once(
     dash_port: int,
     max_wait_s: float,
     profile_s: float | None = None,
+    before_cmd: list[str] | None = None,
 ) -> dict[str, Any]:
     rundir = workdir / label
     rundir.mkdir(parents=True, exist_ok=True)
@@ -183,9 +191,10 @@ def run_once(
     poller: SnapshotPoller | None = None
     spy: subprocess.Popen[bytes] | None = None
     try:
-        if mode in ("aw", "aw-events", PAUSED):
+        if mode in ("aw", "aw-events", PAUSED, *BEFORE_MODES):
             tool = AcceptWatch(
-                rundir, server.master_pid, events=mode == "aw-events", dashboard_port=dash_port
+                rundir, server.master_pid, events=mode in ("aw-events", "aw-events-before"),
+                dashboard_port=dash_port, prefix=before_cmd if mode in BEFORE_MODES else None,
             )
         elif mode == "bpftrace":
             tool = Bpftrace(rundir)
@@ -355,7 +364,8 @@ def calibrate(server: Server, name: str, rate: float, connections: int, seconds:
 
 
 def run_workload(
-    spec: dict[str, Any], args: argparse.Namespace, workdir: Path, dash_port: int
+    spec: dict[str, Any], args: argparse.Namespace, workdir: Path, dash_port: int,
+    before_cmd: list[str] | None = None,
 ) -> dict[str, Any]:
     name = spec["name"]
     wdir = workdir / name
@@ -383,6 +393,8 @@ def run_workload(
         }
         rounds = spec["rounds"]
         modes = (*MODES, PAUSED) if spec.get("paused") else MODES
+        if before_cmd is not None and spec.get("before"):
+            modes = (*modes, *BEFORE_MODES)
         if args.modes:
             modes = tuple(m for m in modes if m in args.modes)
         result["modes"] = list(modes)
@@ -396,7 +408,8 @@ def run_workload(
             runs = []
             for mode in order:
                 label = f"{name}-r{len(result['rounds']) + 1}-{mode}"
-                rec = run_once(server, load, mode, args.duration, wdir, label, dash_port, args.max_wait)
+                rec = run_once(server, load, mode, args.duration, wdir, label, dash_port, args.max_wait,
+                               before_cmd=before_cmd)
                 log(f"{label:28s} {_short(rec)}")
                 runs.append(rec)
             disturbed = max(x["others_cpu_pct"] for x in runs) > DISTURBED_PCT
@@ -580,12 +593,14 @@ WORKLOADS = [
         "server": "nginx",
         "rate": None,
         "paused": True,
+        "before": True,
         "title": "nginx, 2 workers, wrk at full speed",
     },
     {
         "name": "nginx-10k",
         "server": "nginx",
         "rate": 10000.0,
+        "before": True,
         "title": "nginx, 2 workers, ~10 k connections/s",
     },
     {"name": "nginx-1k", "server": "nginx", "rate": 1000.0, "title": "nginx, 2 workers, ~1 k connections/s"},
@@ -658,6 +673,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--loopback-conns", type=int, default=200_000, help="connections per pinned loopback run (200000)"
     )
+    p.add_argument(
+        "--before", default=before.DEFAULT_REF, metavar="REF",
+        help=f"also run accept-watch as of this commit, side by side ({before.DEFAULT_REF}; '' = no)",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile run")
     p.add_argument(
         "--no-bpf-stats",
@@ -681,6 +700,7 @@ def main(argv: list[str]) -> int:
     if args.render_only:
         results = json.loads(args.render_only.read_text())
         results["targets"] = benchdoc.evaluate_targets(results)  # with the current evaluation code
+        results["targets_14"] = issue14.evaluate(results)
         args.render_only.write_text(json.dumps(results, indent=1) + "\n")
         md = args.render_only.with_suffix(".md")
         md.write_text(benchdoc.render_markdown(results))
@@ -691,13 +711,16 @@ def main(argv: list[str]) -> int:
     unknown = sorted(set(wanted) - {w["name"] for w in WORKLOADS})
     if unknown:
         raise BenchError(f"unknown workload(s): {', '.join(unknown)}")
-    bad_modes = sorted(set(args.modes or ()) - {*MODES, PAUSED})
+    bad_modes = sorted(set(args.modes or ()) - {*MODES, PAUSED, *BEFORE_MODES})
     if bad_modes or (args.modes is not None and "baseline" not in args.modes):
         raise BenchError(f"--modes must include baseline and name only {', '.join((*MODES, PAUSED))}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="accept-watch-bench-"))
     dash_port = free_port()
+    before_cmd: list[str] | None = None
+    if args.before:
+        before_cmd, before_commit = before.prepare(args.before, workdir)
     results: dict[str, Any] = {
         "schema": "accept-watch-bench/1",
         "generated_at": now_iso(),
@@ -705,6 +728,7 @@ def main(argv: list[str]) -> int:
         + (" " + shlex.join(argv) if argv else "")
         + ")",
         "commit": repo_commit(),
+        "before_commit": before_commit if before_cmd is not None else None,
         "machine": machine(),
         "versions": versions(),
         "settings": {
@@ -730,21 +754,27 @@ def main(argv: list[str]) -> int:
             if spec["name"] not in wanted:
                 continue
             spec = dict(spec, rounds=args.max_rounds if spec["name"] == "nginx-max" else args.rounds)
-            results["workloads"].append(run_workload(spec, args, workdir, dash_port))
+            results["workloads"].append(run_workload(spec, args, workdir, dash_port, before_cmd))
         if args.loopback_rounds > 0:
             results["loopback"] = loopback.loopback_run(
-                args.loopback_rounds, args.loopback_conns, workdir, wait_quiet, args.max_wait, log
+                args.loopback_rounds, args.loopback_conns, workdir, wait_quiet, args.max_wait, log, before_cmd
             )
         if not args.no_profile and "nginx-10k" in wanted:
             results["profile"] = profile_run(results, args, workdir, dash_port)
         if not args.no_bpf_stats:
-            results["bpf_stats"] = bpf_cost_run(args, workdir, dash_port)
+            def quiet() -> Any:
+                return wait_quiet(args.max_wait)
+            results["bpf_stats"] = bpfstats.bpf_cost_run(args.duration, workdir, quiet, SETTLE_S, log)
+            if before_cmd is not None:
+                results["bpf_stats_before"] = bpfstats.bpf_cost_run(
+                    args.duration, workdir, quiet, SETTLE_S, log, label="aw-before", prefix=before_cmd)
         if args.long > 0:
             results["long_run"] = long_run(workdir, args.long, dash_port, args.max_wait)
         results["load_after"] = {"loadavg": loadavg()}
         results["elapsed_s"] = round(time.monotonic() - started, 1)
         # A --modes subset is for exploring: the targets and the document need every mode.
         results["targets"] = [] if args.modes else benchdoc.evaluate_targets(results)
+        results["targets_14"] = [] if args.modes else issue14.evaluate(results)
     finally:
         if args.keep:
             log(f"kept {workdir}")
@@ -765,98 +795,9 @@ def main(argv: list[str]) -> int:
     md_path = args.out_dir / "benchmarks.md"
     md_path.write_text(benchdoc.render_markdown(results))
     log(f"wrote {json_path} and {md_path} in {results['elapsed_s']:.0f} s")
-    for t in results["targets"]:
+    for t in results["targets"] + results["targets_14"]:
         log(f"target {t['status']:6s} {t['target']}: {t['measured']}")
     return 0
-
-
-BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-def _bpf_progs() -> dict[int, dict[str, Any]]:
-    out = subprocess.run(
-        ["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True
-    ).stdout
-    return {p["id"]: p for p in json.loads(out)}
-
-
-def bpf_cost_run(args: argparse.Namespace, workdir: Path, dash_port: int) -> dict[str, Any]:
-    """Where accept-watch's in-kernel cost goes: one more `aw` run at full speed with the kernel's BPF
-    run-time statistics on (sysctl kernel.bpf_stats_enabled, restored afterwards), read per program
-    with bpftool. Not part of the medians: the statistics themselves cost two clock reads per call."""
-    if shutil.which("bpftool") is None:
-        return {"skipped": "bpftool not found"}
-    wdir = workdir / "bpf-stats"
-    wdir.mkdir()
-    server = Nginx(wdir)
-    tool: AcceptWatch | None = None
-    previous = BPF_STATS.read_text().strip()
-    try:
-        server.start()
-        wait_quiet(args.max_wait)
-        before_ids = set(_bpf_progs())
-        tool = AcceptWatch(wdir, server.master_pid, events=False, dashboard_port=None)
-        tool.start()
-        tool.wait_ready()
-        time.sleep(SETTLE_S)
-        # Programs loaded since the tool started, with accept-watch's function names (BCC names them
-        # after the C functions; the kernel keeps the first 15 characters).
-        ours = {
-            i
-            for i, p in _bpf_progs().items()
-            if i not in before_ids
-            and p.get("name", "").startswith(("tracepoint__", "raw_tracepoint", "kretfunc__", "kretprobe__"))
-        }
-        if not ours:
-            raise BenchError("found no BPF program of accept-watch in bpftool's list")
-        window = server.begin()
-        BPF_STATS.write_text("1\n")
-        try:
-            start = _bpf_progs()
-            wrk = run_wrk(server.url, Load("nginx-max"), args.duration)
-            end = _bpf_progs()
-        finally:
-            BPF_STATS.write_text(previous + "\n")
-        server.drain()
-        counts = server.end(window)
-        rc, _ = tool.interrupt()
-        if rc != 0:
-            raise BenchError(f"accept-watch exited with status {rc} after the BPF statistics run")
-        conns = counts.server_accepts or 1
-        progs = []
-        for pid_ in sorted(ours):
-            a, b = start.get(pid_, {}), end.get(pid_, {})
-            calls = b.get("run_cnt", 0) - a.get("run_cnt", 0)
-            ns = b.get("run_time_ns", 0) - a.get("run_time_ns", 0)
-            progs.append(
-                {
-                    "name": b.get("name", a.get("name", "?")),
-                    "calls": calls,
-                    "calls_per_connection": round(calls / conns, 2),
-                    "ns_per_call": round(ns / calls) if calls else None,
-                    "ns_per_connection": round(ns / conns),
-                    "pct_of_core": round(100.0 * ns / 1e9 / wrk.duration_s, 2),
-                }
-            )
-        progs.sort(key=lambda p: -p["ns_per_connection"])
-        total_ns = sum(p["ns_per_connection"] for p in progs) * conns
-        out = {
-            "rps": round(wrk.rps, 1),
-            "connections": counts.server_accepts,
-            "duration_s": round(wrk.duration_s, 3),
-            "programs": progs,
-            "total_pct_of_core": round(100.0 * total_ns / 1e9 / wrk.duration_s, 2),
-            "total_ns_per_connection": sum(p["ns_per_connection"] for p in progs),
-        }
-        log(
-            f"bpf stats: {out['total_pct_of_core']:.1f} % of a core in accept-watch's BPF programs at "
-            f"{wrk.rps:.0f} conn/s ({out['total_ns_per_connection']} ns per connection)"
-        )
-        return out
-    finally:
-        if tool is not None:
-            tool.kill()
-        server.stop()
 
 
 def profile_run(
@@ -902,7 +843,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         sys.exit(main(sys.argv[1:]))
-    except (BenchError, ServerError, ToolError) as exc:
+    except (BenchError, ServerError, ToolError, before.BeforeError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -230,7 +230,11 @@ def build_kernel(
     if duplicate_sock:  # an un-deduplicated second definition that disagrees
         b.struct("sock", 400, [*sock_members[:3], ("sk_ack_backlog", u32t, 8 * 320, 0), *sock_members[4:]])
     sock_p = b.ptr(sock)
-    b.struct("inet_sock", 480, [("sk", sock, 0, 0), ("inet_sport", be16, 8 * 440, 0)])
+    inet = b.struct("inet_sock", 480, [("sk", sock, 0, 0), ("inet_sport", be16, 8 * 440, 0)])
+    # tcp_sock.rcvq_space.time: a member of a named-less struct member, as in the kernel.
+    u64 = b.typedef("u64", b.int_("long long unsigned int", 8))
+    rcvq = b.struct("", 16, [("space", u32, 0, 0), ("seq", u32, 32, 0), ("time", u64, 64, 0)])
+    b.struct("tcp_sock", 2200, [("inet_conn", inet, 0, 0), ("rcvq_space", rcvq, 8 * 1800, 0)])
     socket_members = [
         ("state", sint, 0, 0),
         ("file", b.ptr(file_), 8 * 32, 0),

@@ -39,6 +39,8 @@ def test_bad_arguments_are_one_line() -> None:
     _one_line_error(run_cli("--pid", "abc"), "not a process id")
     _one_line_error(run_cli("--pid", "1", "--duration", "-3"), "must be a number > 0")
     _one_line_error(run_cli("--pid", "1", "--listen", "nowhere"), "HOST:PORT")
+    _one_line_error(run_cli("--pid", "1", "--events-sample", "0"), "whole number from 1")
+    _one_line_error(run_cli("--pid", "1", "--events-sample", "10"), "--events-sample needs --events")
 
 
 def test_export_path_that_cannot_be_written(tmp_path: Path) -> None:

@@ -124,3 +124,24 @@ def test_ipv6_listener(tmp_path: Path) -> None:
     assert len(events) == 30
     assert all(e["peer_addr"] == "::1" and e["local_addr"] == "::1" for e in events)
     assert doc["listeners"][0]["family"] == "ipv6"
+
+
+def test_sampled_events_and_no_inflight(tmp_path: Path) -> None:
+    """--events-sample 4 --no-inflight, end to end: one line per 4 connections, each marked, the
+    document's total exact; in-flight figures absent, queue waits still measured."""
+    n = 200
+    with servers.start_gunicorn(workers=2, worker_class="sync") as srv:
+        run = start_watch(srv.master_pid, tmp_path, "--events-sample", "4", "--no-inflight", events=True)
+        try:
+            result = servers.run_clients(srv.port, n, concurrency=2)
+            assert result.failed == 0
+        finally:
+            assert run.stop() == 0, run.stderr()
+        truth = srv.ground_truth()
+    doc = run.document()
+    _assert_exact(doc, truth, n)
+    events = run.event_lines()
+    assert len(events) == n // 4
+    assert all(e["sampled_1_in"] == 4 and e["queue_wait_ns"] is not None for e in events)
+    assert "in-flight tracking off" in doc["probe_detail"]
+    assert all((w.get("inflight") or {}).get("max") in (0, None) for w in doc["workers"])

@@ -279,3 +279,168 @@ def test_retiring_the_backstop_switches_it_off_without_detaching(layout) -> None
     assert after == before and b"syscalls:sys_exit_accept4" in after
     assert slot == 0
     assert next(w for w in snap.workers if w.pid == os.getpid()).accepts == 1
+
+
+def test_event_ring_is_drained_in_blocks_across_wraparounds(layout, monkeypatch) -> None:
+    """The ring buffer mapped by probes/eventring.py: a one-page ring (39 records) drained every 10
+    connections wraps around many times; every record arrives once, in order, none lost."""
+    from accept_watch.probes import defines
+    from accept_watch.probes.eventring import STRIDE, decode_event
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.records import Counter
+
+    monkeypatch.setattr(defines, "RINGBUF_PAGES", 1)
+    n, got = 200, []
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port, inode = srv.getsockname()[1], os.fstat(srv.fileno()).st_ino
+        with AcceptProbes(layout, emit_events=True) as probes:
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
+            probes.open_events()
+            assert probes._ring.size == 4096
+            peers = []
+            for i in range(n):
+                with socket.create_connection(("127.0.0.1", port)) as client:
+                    peers.append(client.getsockname()[1])
+                    srv.accept()[0].close()
+                if i % 10 == 9:
+                    block = probes.drain_events()
+                    assert len(block) == 10 * STRIDE
+                    got += [decode_event(block[j + 8:j + STRIDE]) for j in range(0, len(block), STRIDE)]
+            assert probes.drain_events() == b""
+            snap = probes.snapshot()
+    assert snap.diag[Counter.EVENTS_LOST] == 0
+    assert [e.peer_port for e in got] == peers
+    assert {(e.pid, e.local_port, e.local_addr, e.family) for e in got} == {
+        (os.getpid(), port, "127.0.0.1", socket.AF_INET)}
+    assert all(e.listener_inode == inode and e.queue_wait_ns is not None for e in got)
+    ts = [e.ts_ns for e in got]
+    assert ts == sorted(ts)
+
+
+def test_a_full_listener_map_is_counted_not_silent(layout, monkeypatch) -> None:
+    """More listening sockets than the listener map holds (4096 in production, 2 here): accepts on
+    the listener that did not fit are still counted per worker, and counted as listeners_map_full
+    (issue 11: 104 of 4200 listeners showed 0 accepts and nothing said why)."""
+    from accept_watch.probes import defines
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.records import Counter, degraded_lines
+
+    monkeypatch.setitem(defines.MAP_SIZES, "MAX_LISTENERS", 2)
+    n = 5
+    srvs = [socket.socket() for _ in range(3)]
+    try:
+        for srv in srvs:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(64)
+        ports = [srv.getsockname()[1] for srv in srvs]
+        with AcceptProbes(layout) as probes:
+            assert "#define MAX_LISTENERS 2\n" in probes.program
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=ports)
+            for srv, port in zip(srvs, ports, strict=True):
+                for _ in range(n):
+                    with socket.create_connection(("127.0.0.1", port)):
+                        srv.accept()[0].close()
+            snap = probes.snapshot()
+    finally:
+        for srv in srvs:
+            srv.close()
+    assert sum(w.accepts for w in snap.workers if w.pid == os.getpid()) == 3 * n
+    assert sorted(lst.port for lst in snap.listeners) == sorted(ports[:2])
+    assert snap.diag[Counter.LISTENERS_MAP_FULL] == n
+    # the accept-sequence map is keyed by port and just as large: the third port's accepts are missing
+    assert snap.diag[Counter.TRANSITIONS_MAP_FULL] == n
+    assert snap.unattributed == 0
+    lines = degraded_lines({c.name.lower(): v for c, v in snap.diag.items()})
+    assert any(line.startswith(f"listeners_map_full {n}:") for line in lines), lines
+
+
+def test_counts_from_several_cpus_are_summed(layout) -> None:
+    """worker_stats, listener_stats and diag are per-CPU maps: accepts made on CPU 0 and then on
+    CPU 1 land in two copies, and the snapshot sums them (first seen = the earliest copy's)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    saved = os.sched_getaffinity(0)
+    n = 30
+    try:
+        with _watching_own_listener(layout) as (srv, port, probes):
+            for cpu in cpus[:2]:
+                os.sched_setaffinity(0, {cpu})
+                for _ in range(n):
+                    with socket.create_connection(("127.0.0.1", port)):
+                        srv.accept()[0].close()
+            raw = probes._bpf[b"worker_stats"]
+            per_cpu = next(v for k, v in raw.items() if k.tgid == os.getpid())
+            snap = probes.snapshot()
+    finally:
+        os.sched_setaffinity(0, saved)
+    assert sorted(c.accepts for c in per_cpu if c.accepts) == [n, n]
+    (w,) = [w for w in snap.workers if w.pid == os.getpid()]
+    assert (w.accepts, w.wait_count, w.closed) == (2 * n, 2 * n, 2 * n)
+    assert w.first_ns == min(c.first_ns for c in per_cpu if c.first_ns) and w.last_ns >= w.first_ns
+    (lst,) = snap.listeners
+    assert lst.accepts == 2 * n
+
+
+def test_without_inflight_tracking_the_state_tracepoint_is_not_attached(layout) -> None:
+    """--no-inflight: no inet_sock_set_state program, nothing in the connection map; counts and
+    queue waits as usual (the wait comes from the child socket, not from the tracepoint)."""
+    from accept_watch.probes.kernel import AcceptProbes
+
+    n = 25
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        with AcceptProbes(layout, inflight=False) as probes:
+            result = probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
+            raw_attached = dict(probes._bpf.raw_tracepoint_fds)
+            held = []
+            for _ in range(n):
+                socket.create_connection(("127.0.0.1", port))
+                held.append(srv.accept()[0])
+            snap = probes.snapshot()
+            conns = len(list(probes._bpf[b"conns"].keys()))
+            for conn in held:
+                conn.close()
+    assert raw_attached == {}
+    assert "in-flight tracking off" in result.detail
+    (w,) = [w for w in snap.workers if w.pid == os.getpid()]
+    assert (w.accepts, w.wait_count, w.inflight, w.inflight_max, w.closed) == (n, n, 0, 0, 0)
+    assert conns == 0
+
+
+@pytest.mark.parametrize(("stamp_at", "expected"), [("OFF_SK_V6_DADDR", "in handshake"),
+                                                     ("OFF_SK_SOCKET", "unknown")])
+def test_queue_wait_stamp_zero_or_implausible(layout, stamp_at, expected) -> None:
+    """The queue-entry stamp read at accept, pointed at another field of the socket: 0 (an IPv4
+    socket's IPv6 address), as when fexit takes a child before the softirq stamped it, counts the
+    wait as 0 (wait_in_handshake); a kernel pointer read as µs lies in the future: unknown."""
+    import dataclasses
+
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.records import Counter
+
+    forced = dataclasses.replace(
+        layout, defines={**layout.defines, "OFF_TCP_RCVQ_SPACE_TIME": layout.defines[stamp_at]})
+    n = 10
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        with AcceptProbes(forced) as probes:
+            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
+            for _ in range(n):
+                with socket.create_connection(("127.0.0.1", port)):
+                    srv.accept()[0].close()
+            snap = probes.snapshot()
+    (w,) = [w for w in snap.workers if w.pid == os.getpid()]
+    if expected == "in handshake":
+        assert (snap.diag[Counter.WAIT_IN_HANDSHAKE], snap.diag[Counter.WAIT_UNKNOWN]) == (n, 0)
+        assert (w.wait_count, w.wait_max_ns) == (n, 0)
+    else:
+        assert (snap.diag[Counter.WAIT_IN_HANDSHAKE], snap.diag[Counter.WAIT_UNKNOWN]) == (0, n)
+        assert w.wait_count == 0
+    assert w.accepts == n

@@ -184,3 +184,13 @@ def test_renders_an_aggregator_document() -> None:
     r = rows(out)
     assert "75.0%" in r[2] and "25.0%" in r[3] and "30.0/30.0" in r[2]
     assert "0.0.0.0:80" in out and "queue 4/-" in out
+
+
+def test_incomplete_figures_are_named() -> None:
+    """A full map other than the worker counters' (e.g. more listeners than the listener map holds)
+    is said under the table; zero counters and unknown names are not."""
+    d = doc([5, 5])
+    d["diagnostics"] = {"listeners_map_full": 104, "hist_map_full": 0, "made_up\x1b[2J": 3}
+    text = terminal.render(d, width=120, ansi=False)
+    assert "! listeners_map_full 104: accepts missing from per-listener figures" in text
+    assert "hist_map_full" not in text and "made_up" not in text

@@ -8,16 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from modes import AW_MODES, LOOPBACK_LABELS, MODE_TEXT
 from tools import BPFTRACE_PROGRAM
 
-AW_MODES = ("aw", "aw-events", "aw-paused")
-MODE_TEXT = {
-    "baseline": "baseline (nothing attached)",
-    "aw": "accept-watch (default: counters only, dashboard polled 1/s)",
-    "aw-events": "accept-watch --events FILE (per-connection stream)",
-    "bpftrace": "bpftrace one-liner (a line per accept, to a file)",
-    "aw-paused": "accept-watch, daemon stopped (SIGSTOP) during the load: BPF programs only",
-}
 RSS_LIMIT_MB = 150.0
 FLAT_TOLERANCE_MB = 5.0  # RSS growth allowed between 100 k connections and the end of the long run
 
@@ -439,6 +432,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         mark = {"met": "**met**", "missed": "**missed**"}.get(t["status"], t["status"])
         add(f"| {t['target']} | {mark} | {t['measured']} |")
     add("")
+    import issue14  # imports this module: not at the top
+
+    issue14.render(add, results)
     _method(add, results)
     for w in results.get("workloads", []):
         _workload_section(add, w)
@@ -719,14 +715,6 @@ def _bpf_section(add: Any, bs: dict[str, Any]) -> None:
             f"{p['pct_of_core']:.2f} |"
         )
     add("")
-
-
-LOOPBACK_LABELS = {
-    "baseline": "baseline (nothing attached)",
-    "aw": "accept-watch (default: counters only)",
-    "floor": "empty programs on accept-watch's hooks (the floor)",
-    "bpftrace": "bpftrace one-liner (a line per accept, to a file)",
-}
 
 
 def _loopback_section(add: Any, lb: dict[str, Any], projection: dict[str, float] | None) -> None:

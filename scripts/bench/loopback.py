@@ -7,8 +7,10 @@ the BPF programs inside the server's and client's system calls and softirqs, not
 time per connection is stable to about ±1 % (CPU 0 does nothing else), so paired rounds resolve
 differences of ~0.1 µs per connection.
 
-Modes: baseline; aw (accept-watch as in the other runs, without the dashboard); floor (empty programs
-on accept-watch's hooks: micro/floor.py); bpftrace (the one-liner). accept-watch's count must equal N.
+Modes: baseline; aw (accept-watch as in the other runs, without the dashboard); aw-before (the same,
+at an earlier commit: before.py); aw-noinflight (--no-inflight); floor and floor-noinflight (empty
+programs on the hooks of aw and of aw-noinflight: micro/floor.py); bpftrace (the one-liner).
+accept-watch's count must equal N in every aw mode.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from benchdoc import spread
 from servers import REPO, VENV_BIN, free_port
 from tools import AcceptWatch, Attached, Bpftrace, ToolError
 
-MODES = ("baseline", "aw", "floor", "bpftrace")
+MODES = ("baseline", "aw", "aw-before", "aw-noinflight", "floor", "floor-noinflight", "bpftrace")
 MICRO = REPO / "scripts" / "bench" / "micro"
 TOOL_CPU = "1"
 BENCH_CPU = "0"
@@ -36,9 +38,10 @@ class FloorHooks(Attached):
 
     name = "floor"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, inflight: bool = True) -> None:
         super().__init__(workdir)
-        self.command = [str(VENV_BIN / "python"), str(MICRO / "floor.py")]
+        flags = [] if inflight else ["--no-inflight"]
+        self.command = [str(VENV_BIN / "python"), str(MICRO / "floor.py"), *flags]
 
     def start(self) -> None:
         self._launch(self.command, self.workdir / "floor-stdout.txt")
@@ -58,7 +61,8 @@ def _parse(line: str) -> dict[str, float]:
     return {k: float(v) for k, v in fields.items()}
 
 
-def run_one(binary: Path, mode: str, n: int, workdir: Path) -> dict[str, Any]:
+def run_one(binary: Path, mode: str, n: int, workdir: Path,
+            before: list[str] | None = None) -> dict[str, Any]:
     wdir = workdir / f"loopback-{mode}-{time.monotonic_ns()}"
     wdir.mkdir()
     bench = subprocess.Popen(
@@ -71,10 +75,16 @@ def run_one(binary: Path, mode: str, n: int, workdir: Path) -> dict[str, Any]:
         first = bench.stdout.readline().split()
         if first[:1] != ["pid"]:
             raise ToolError(f"connbench did not start: {first}")
+        pid = int(first[1])
         if mode == "aw":
-            tool = _pinned(AcceptWatch(wdir, int(first[1]), events=False, dashboard_port=None))
-        elif mode == "floor":
-            tool = _pinned(FloorHooks(wdir))
+            tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None))
+        elif mode == "aw-before":
+            tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None, prefix=before))
+        elif mode == "aw-noinflight":
+            tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None,
+                                       extra=("--no-inflight",)))
+        elif mode in ("floor", "floor-noinflight"):
+            tool = _pinned(FloorHooks(wdir, inflight=mode == "floor"))
         elif mode == "bpftrace":
             tool = _pinned(Bpftrace(wdir))
         if tool is not None:
@@ -109,19 +119,21 @@ def run_one(binary: Path, mode: str, n: int, workdir: Path) -> dict[str, Any]:
 
 def loopback_run(
     rounds: int, n: int, workdir: Path, wait_quiet: Callable[[float], dict[str, Any]], max_wait_s: float,
-    log: Callable[[str], None],
+    log: Callable[[str], None], before: list[str] | None = None,
 ) -> dict[str, Any]:
+    """before: the command of the earlier version (before.py); None leaves aw-before out."""
     if shutil.which("gcc") is None or shutil.which("taskset") is None:
         return {"skipped": "gcc or taskset not found"}
     binary = workdir / "connbench"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(MICRO / "connbench.c")], check=True)
     out: dict[str, Any] = {"connections_per_run": n, "rounds": []}
+    modes = tuple(m for m in MODES if before is not None or m != "aw-before")
     for r in range(rounds):
-        order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]
+        order = modes[r % len(modes):] + modes[: r % len(modes)]
         runs = []
         for mode in order:
             quiet = wait_quiet(max_wait_s)
-            rec = run_one(binary, mode, n, workdir)
+            rec = run_one(binary, mode, n, workdir, before)
             rec["quiet_before"] = quiet
             runs.append(rec)
         base = next(x for x in runs if x["mode"] == "baseline")["us_per_conn"]
@@ -142,7 +154,7 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
             for k in d:
                 d[k].append(x[k])
     summary: dict[str, Any] = {mode: {k: _spread_sd(v) for k, v in d.items()} for mode, d in by_mode.items()}
-    aw_runs = [x for rnd in out["rounds"] for x in rnd["runs"] if x["mode"] == "aw"]
+    aw_runs = [x for rnd in out["rounds"] for x in rnd["runs"] if x["mode"].startswith("aw")]
     summary["aw_exact"] = sum(1 for x in aw_runs if x.get("exact"))
     summary["aw_runs"] = len(aw_runs)
     return summary

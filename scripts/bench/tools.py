@@ -213,11 +213,16 @@ class AcceptWatch(Attached):
         events: bool,
         dashboard_port: int | None,
         env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
+        """prefix: the command that runs another version (before.py); extra: more options."""
         super().__init__(workdir)
         self.export_path = workdir / "aw-export.json"
         self.events_path = workdir / "aw-events.ndjson" if events else None
-        cmd = [str(ACCEPT_WATCH), "--pid", str(master_pid), "--export", str(self.export_path)]
+        self.prefix = prefix
+        cmd = [*(prefix or [str(ACCEPT_WATCH)]), "--pid", str(master_pid), "--export", str(self.export_path),
+               *extra]
         if self.events_path is not None:
             cmd += ["--events", str(self.events_path)]
         if dashboard_port is None:
@@ -231,7 +236,7 @@ class AcceptWatch(Attached):
                 path.unlink(missing_ok=True)
 
     def start(self) -> None:
-        if not ACCEPT_WATCH.exists():
+        if self.prefix is None and not ACCEPT_WATCH.exists():
             raise ToolError(f"{ACCEPT_WATCH} not found (scripts/setup.sh installs it)")
         self._launch(self.command, self.workdir / "aw-stdout.txt", env=self._env)
 

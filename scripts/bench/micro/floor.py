@@ -3,7 +3,7 @@
 The bench's `floor` mode: what the hooks cost before accept-watch does any work in them. The hook
 list is accept-watch's own (probes/kernel.py, and the same choice of sys_enter or not), so the two
 cannot drift apart; floor.c must define a program for each (BCC fails to attach a missing one, loudly).
-Usage (root): .venv/bin/python scripts/bench/micro/floor.py
+Usage (root): .venv/bin/python scripts/bench/micro/floor.py [--no-inflight]
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def main() -> int:
         tracepoints.update(ENTER_TRACEPOINT_FNS)
     for tp, fn in tracepoints.items():
         bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn)
-    for tp, fn in RAW_TRACEPOINT_FNS.items():
+    # --no-inflight: as accept-watch --no-inflight, without the state-change tracepoint.
+    raw = {} if "--no-inflight" in sys.argv[1:] else RAW_TRACEPOINT_FNS
+    for tp, fn in raw.items():
         bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn)
-    print(f"floor: attached {len(tracepoints) + len(RAW_TRACEPOINT_FNS)} empty programs", file=sys.stderr,
-          flush=True)
+    print(f"floor: attached {len(tracepoints) + len(raw)} empty programs", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
     bpf.cleanup()
