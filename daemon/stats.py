@@ -22,7 +22,7 @@ from typing import Any
 
 from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
-from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot, ListenerCounters
+from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot
 
 from accept_watch import __version__
 
@@ -32,6 +32,7 @@ from .discovery import ProcessInfo, Topology
 from .export import event_to_dict
 from .fairshare import ShareTracker
 from .generations import Masters
+from .listenerstate import ListenerTable
 
 SCHEMA = "accept-watch/1"
 _NS = 1_000_000_000
@@ -41,7 +42,6 @@ HISTORY_S = 300  # rate_history span
 # opened: with a 1 s update cadence every update closes exactly one bin.
 BIN_CLOSE_S = 0.9
 MAX_RATE_SAMPLES = 10_000  # safety cap on rate-window samples if updates come very fast
-MAX_LISTENERS = 1024
 
 
 @dataclass(slots=True)
@@ -92,22 +92,6 @@ class _Worker:
         return {k: v for k, v in out.items() if v > 0}
 
 
-@dataclass(slots=True)
-class _ListenerState:
-    inode: int
-    family: str | None  # None: seen only by the kernel (opened and closed between two scans)
-    address: str | None
-    port: int
-    pids: list[int]
-    mode: str
-    open: bool
-    closed_ns: int | None = None
-    depth_current: int | None = None
-    depth_sampled_max: int | None = None
-    drops: int | None = None  # sk_drops: SYNs/handshakes dropped on a full queue (None: not shown)
-    history: deque[list[float]] = field(default_factory=deque)
-
-
 def _same_process(a: float | None, b: float | None) -> bool:
     # psutil derives create_time from boot time + start ticks: stable for one process, and two
     # processes sharing a pid are at least a clock tick (10 ms) apart.
@@ -146,7 +130,6 @@ class Aggregator:
         self.clock = ClockMap(wall_clock, mono_clock)
         self._lookup = process_lookup
         self._max_exited = max_exited
-        self._history_points = history_points
         self._max_transitions = max_transitions
         self._lock = threading.RLock()
         self._hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -164,8 +147,7 @@ class Aggregator:
         # Queue waits of evicted workers, kept so that totals over all workers never go down (a
         # Prometheus histogram is a counter): bucket -> count, and the exact count and sum.
         self._evicted_wait: tuple[dict[int, int], list[int]] = ({}, [0, 0])
-        self._listeners: dict[int, _ListenerState] = {}
-        self._kernel_listeners: dict[int, ListenerCounters] = {}
+        self._listeners = ListenerTable(history_points)
         self._transitions: dict[tuple[int, int, int], int] = {}
         self._diag: dict[Counter, int] = {}
         self._last_ns: int | None = None  # taken_ns of the latest snapshot
@@ -182,7 +164,7 @@ class Aggregator:
         self._shares = ShareTracker(self.clock.start_mono, topology.processes)
         self._masters = Masters()
         self._apply_topology(topology, self.clock.start_mono)
-        self._apply_listeners(topology, self.clock.start_mono)
+        self._listeners.apply_topology(topology, self.clock.start_mono)
         self._masters.update(topology, self._workers_roles(), None, iso_utc(self.clock.start_wall))
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -242,8 +224,8 @@ class Aggregator:
             self._apply_counters(snapshot, now)
             self._apply_shares(snapshot, topology, now)
             self._masters.update(topology, self._workers_roles(), self._alive_now, self.clock.iso(now))
-            self._apply_listeners(topology, now)
-            self._apply_listener_counters(snapshot, depths, now)
+            self._listeners.apply_topology(topology, now)
+            self._listeners.apply_counters(snapshot, depths, now, self.clock.rel_s)
             self._transitions = dict(snapshot.transitions)
             self._diag = dict(snapshot.diag)
             self._last_ns = now
@@ -431,59 +413,13 @@ class Aggregator:
         while self._rate_history and self._rate_history[0][0] <= t - HISTORY_S:
             self._rate_history.popleft()
 
-    def _apply_listeners(self, topology: Topology, now: int) -> None:
-        current = {lst.inode: lst for lst in topology.listeners}
-        for inode, lst in current.items():
-            st = self._listeners.get(inode)
-            if st is None:
-                st = _ListenerState(
-                    inode, lst.family, lst.address, lst.port, list(lst.pids), lst.mode, True,
-                    history=deque(maxlen=self._history_points),
-                )
-                self._listeners[inode] = st
-            st.family, st.address, st.port = lst.family, lst.address, lst.port
-            st.pids, st.mode, st.open, st.closed_ns = list(lst.pids), lst.mode, True, None
-        for inode, st in self._listeners.items():
-            if inode not in current and st.open and st.mode != "unknown":
-                st.open = False
-                st.closed_ns = now
-                st.depth_current = None
-
-    def _apply_listener_counters(self, snapshot: KernelSnapshot, depths: Mapping[int, int], now: int) -> None:
-        self._kernel_listeners = {lc.inode: lc for lc in snapshot.listeners}
-        for lc in snapshot.listeners:
-            if lc.inode not in self._listeners:
-                # Counted by the kernel but never seen by discovery (opened and closed between two
-                # refreshes): still listed, so per-listener accepts add up.
-                self._listeners[lc.inode] = _ListenerState(
-                    lc.inode, None, None, lc.port, [], "unknown", False, closed_ns=now,
-                    history=deque(maxlen=self._history_points),
-                )
-        t = round(self.clock.rel_s(now), 3)
-        drops = depths.drops if isinstance(depths, discovery.ListenDepths) else {}
-        for inode, st in self._listeners.items():
-            d = depths.get(inode)
-            if not st.open:
-                continue
-            st.drops = drops.get(inode, st.drops)
-            st.depth_current = d
-            if d is None:
-                continue
-            st.history.append([t, d])
-            st.depth_sampled_max = d if st.depth_sampled_max is None else max(st.depth_sampled_max, d)
-
     def _evict(self) -> None:
         exited = [w for w in self._workers.values() if not w.alive]
         if len(exited) > self._max_exited:
             exited.sort(key=lambda w: (w.exited_ns or 0, w.pid))
             for w in exited[: len(exited) - self._max_exited]:
                 self._retire(w)
-        closed = [st for st in self._listeners.values() if not st.open]
-        extra = len(self._listeners) - MAX_LISTENERS
-        if extra > 0:
-            closed.sort(key=lambda st: (st.closed_ns or 0, st.inode))
-            for st in closed[:extra]:
-                del self._listeners[st.inode]
+        self._listeners.evict()
 
     def _rates(self) -> dict[int, dict[str, float]]:
         """accepts/s per pid over each window ending at the latest snapshot."""
@@ -564,28 +500,6 @@ class Aggregator:
             "queue_wait_hist": [[*bucket_bounds(i), c] for i, c in sorted(hist.items())],
         }
 
-    def _listener_doc(self, st: _ListenerState) -> dict[str, Any]:
-        lc = self._kernel_listeners.get(st.inode)
-        limit: int | None = lc.backlog_limit if lc is not None else None
-        if limit is None:  # no accept seen on this inode yet: same port, same listen() backlog
-            same_port = (k.backlog_limit for k in self._kernel_listeners.values() if k.port == st.port)
-            limit = next(same_port, None)
-        maxes = [m for m in (lc.depth_max if lc is not None else None, st.depth_sampled_max) if m is not None]
-        depth = {"current": st.depth_current, "max": max(maxes) if maxes else None, "limit": limit}
-        return {
-            "address": st.address,
-            "port": st.port,
-            "family": st.family,
-            "inode": st.inode,
-            "mode": st.mode,
-            "pids": list(st.pids),
-            "open": st.open,
-            "accepts": lc.accepts if lc is not None else 0,
-            "queue_depth": depth,
-            "drops": st.drops,
-            "depth_history": [list(p) for p in st.history],
-        }
-
     def _transitions_doc(self) -> tuple[list[dict[str, int]], int]:
         items = list(self._transitions.items())
         omitted = 0
@@ -600,9 +514,7 @@ class Aggregator:
         total = sum(w.accepts for w in self._workers.values()) + self._evicted_accepts
         rates = self._rates()
         workers = [self._worker_doc(w, total, rates.get(pid, {})) for pid, w in sorted(self._workers.items())]
-        order = sorted(self._listeners.values(),
-                       key=lambda s: (s.port, s.family or "", s.address or "", s.inode))
-        listeners = [self._listener_doc(st) for st in order]
+        listeners = self._listeners.to_doc()
         transitions, omitted = self._transitions_doc()
         diagnostics: dict[str, int] = {c.name.lower(): int(self._diag.get(c, 0)) for c in Counter}
         diagnostics["evicted_workers"] = self._evicted_workers
