@@ -26,7 +26,7 @@ LOSS_METRICS: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "accept_watch_queue_wait_unmeasured": (
         "Accepts counted without a queue-wait sample, by reason",
-        {"hist_map_full": "hist_map_full", "handshake_not_seen": "wait_unknown",
+        {"hist_map_full": "hist_map_full", "stamp_implausible": "wait_unknown",
          "conns_map_full": "conns_map_full"},
     ),
     "accept_watch_unknown_listener_accepts": (
@@ -48,6 +48,15 @@ LOSS_METRICS: dict[str, tuple[str, dict[str, str]]] = {
     "accept_watch_non_inet_accepts": (
         "Accepts of non-TCP/IP sockets (e.g. unix) by tracked processes, ignored by design",
         {"": "non_inet"},
+    ),
+    "accept_watch_listener_map_full_accepts": (
+        "Accepts not counted per listener because the listener map was full (per-worker counts stay exact)",
+        {"": "listeners_map_full"},
+    ),
+    "accept_watch_queue_wait_in_handshake": (
+        "Accepts taken while the handshake was still finishing on another CPU: queue wait counted as 0 "
+        "(not a loss)",
+        {"": "wait_in_handshake"},
     ),
     "accept_watch_evicted_workers": (
         "Exited workers whose records were folded into the exited aggregate (bounded memory)",
