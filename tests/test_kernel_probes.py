@@ -420,22 +420,16 @@ def test_queue_wait_stamp_zero_or_implausible(layout, stamp_at, expected) -> Non
     wait as 0 (wait_in_handshake); a kernel pointer read as µs lies in the future: unknown."""
     import dataclasses
 
-    from accept_watch.probes.kernel import AcceptProbes
     from accept_watch.probes.records import Counter
 
     forced = dataclasses.replace(
         layout, defines={**layout.defines, "OFF_TCP_RCVQ_SPACE_TIME": layout.defines[stamp_at]})
     n = 10
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(64)
-        port = srv.getsockname()[1]
-        with AcceptProbes(forced) as probes:
-            probes.attach(ProbeKind.TRACEPOINT, pids=[os.getpid()], ports=[port])
-            for _ in range(n):
-                with socket.create_connection(("127.0.0.1", port)):
-                    srv.accept()[0].close()
-            snap = probes.snapshot()
+    with _watching_own_listener(forced) as (srv, port, probes):
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port)):
+                srv.accept()[0].close()
+        snap = probes.snapshot()
     (w,) = [w for w in snap.workers if w.pid == os.getpid()]
     if expected == "in handshake":
         assert (snap.diag[Counter.WAIT_IN_HANDSHAKE], snap.diag[Counter.WAIT_UNKNOWN]) == (n, 0)
