@@ -156,7 +156,8 @@ def test_slow_and_streaming_clients_do_not_lock_the_dashboard_out() -> None:
         socks += streams
         codes = [_status(s) for s in streams]
         # This client's share of live streams is served; only its further *new* streams are refused.
-        assert codes == [200] * MAX_STREAMS_PER_CLIENT + [429] * 4, codes
+        # (The server handles the requests concurrently: which of them come first is not fixed.)
+        assert sorted(codes) == [200] * MAX_STREAMS_PER_CLIENT + [429] * 4, codes
         for path in ("/healthz", "/api/snapshot", "/metrics", "/"):
             status, took = _timed_get(f"http://127.0.0.1:{port}{path}")
             assert status == 200 and took < 1.0, (path, status, took)
