@@ -43,7 +43,6 @@ class Follower:
         self._watch_ports = on_new_ports
         self._say = say
         self._gone_since: float | None = None
-        self.ended = False
 
     def master_gone(self, now: float) -> bool:
         """The watched master has exited: find who carries on. False once the grace period ran out
@@ -64,7 +63,6 @@ class Follower:
         if now - self._gone_since >= self._grace_s:
             self._say(f"master {old.master_pid} exited and nothing took over its listening sockets within "
                       f"{self._grace_s:g} s; stopping")
-            self.ended = True
             return False
         return True
 
@@ -91,14 +89,6 @@ class Follower:
         self.topology = fresh
         self._gone_since = None
         return True
-
-    def pidfile_changed(self) -> bool:
-        """--pidfile names a live process other than the watched master (a restart whose new master
-        started before the old one was noticed gone)."""
-        if not self._pidfile:
-            return False
-        pid = discovery.read_pidfile(self._pidfile)
-        return pid is not None and pid != self.topology.master_pid and discovery.pid_alive(pid)
 
     def waiting(self) -> bool:
         return self._gone_since is not None
