@@ -17,6 +17,7 @@ from collections import Counter as _Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .document import Document, StreamedDocument
 from .explain import Verdict, dominant_wait_mode
 from .fairshare import self_baseline
 from .figures import (  # noqa: F401 - re-exported: the analysis API
@@ -197,11 +198,24 @@ def _spans(entry: Mapping[str, Any], where: str) -> dict[int, tuple[float, float
     return out
 
 
-def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None) -> dict[str, Any]:
+def analyzed(document: Document, wait_modes: Mapping[Any, Any] | None = None) -> Document:
+    """The document with its analysis section; a failure leaves the counts valid and says why the
+    "why" is missing (the run loop calls this once per update)."""
+    try:
+        section = analyze(document, wait_modes)
+    except Exception as exc:
+        section = {"error": f"analysis failed: {type(exc).__name__}: {exc}"}
+    return document.with_analysis(section)
+
+
+def analyze(doc: Document | Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None) -> dict[str, Any]:
     """Build the snapshot document's "analysis" section (JSON-serializable).
 
+    doc: a Document (daemon/document.py) or its dict form (checked field by field here).
     wait_modes: pid -> WaitMode (or {"mode", "detail"}), e.g. from waitmode.detect_wait_modes; optional.
     """
+    if isinstance(doc, StreamedDocument):
+        doc = doc.to_dict()
     if not isinstance(doc, Mapping):
         raise ValueError(f"analysis: the snapshot must be an object, got {type(doc).__name__}")
     workers = _list_field(doc, "workers")
@@ -356,7 +370,11 @@ def analyze(doc: Mapping[str, Any], wait_modes: Mapping[Any, Any] | None = None)
     flags.extend(_flags(doc, overall, overall_pids, accepts, alive, mode_names, competes))
     worker_modes = {p: m for p, m in mode_names.items() if competes(p) and role.get(p) != "helper"}
     summary = _Counter(worker_modes.values())
+    contenders = [p for p in overall_pids if p != 0]
+    live_contenders = [p for p in contenders if alive.get(p, True)] or contenders
     return {
+        "competitors": {"pids": live_contenders,
+                        "fair_share": 1 / len(live_contenders) if live_contenders else None},
         "fairness": fair,
         "per_port": per_port,
         "verdict": overall,

@@ -26,19 +26,17 @@ from typing import Any, NoReturn
 from accept_watch.probes.records import degraded_lines
 
 from . import analysis
+from .document import SCHEMA_ID, Document, DocumentError
 from .export import ExportError, check_writable, write_text_atomic
 from .report_html import flag_messages, fmt_p, fmt_span, render_html
 from .safefile import kind, reason
 from .sanitize import clean, clean_doc
 from .terminal import competing, fmt_duration, fmt_us, share_bar
 
-SCHEMA = "accept-watch/1"
-# Keys the daemon always writes and the report cannot do without.
-REQUIRED_KEYS = ("master_pid", "probe", "duration_s", "total_accepts", "lost_events", "unattributed",
-                 "workers", "listeners", "transitions")
-WORKER_KEYS = ("pid", "accepts", "share")
-LISTENER_KEYS = ("address", "port", "mode", "pids", "accepts", "queue_depth")
-INFLIGHT_KEYS = ("now", "max", "busy_accepts", "closed")
+SCHEMA = SCHEMA_ID
+# Keys the daemon always writes and the report cannot do without (the model's required top-level keys).
+REQUIRED_KEYS = tuple(f.alias or name for name, f in Document.model_fields.items()
+                      if f.is_required() and name != "schema_")
 PROG = "accept-watch report"
 # Input bounds, far above any real export: numbers in one are counts, ns, us and seconds.
 MAX_EXPORT_BYTES = 64 * 2**20
@@ -55,135 +53,19 @@ class ReportError(Exception):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _fail(where: str, what: str) -> NoReturn:
-    raise ReportError(f"{where} {what}")
-
-
-def _need(obj: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        _fail(where, f"has no {', '.join(repr(k) for k in missing)}")
-
-
-def _count(obj: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> None:
-    """A non-negative integer (or None when optional)."""
-    v = obj.get(key)
-    if v is None and optional:
-        return
-    if not _is_int(v) or v < 0:
-        _fail(f"{where}.{key}", f"must be a non-negative integer, got {v!r}")
-
-
-def _check_worker(w: Any, where: str) -> None:
-    if not isinstance(w, dict):
-        _fail(where, f"must be an object, got {type(w).__name__}")
-    _need(w, WORKER_KEYS, where)
-    if not _is_int(w["pid"]) or w["pid"] < 1:
-        _fail(f"{where}.pid", f"must be a process id, got {w['pid']!r}")
-    _count(w, "accepts", where)
-    if not _is_num(w["share"]) or not 0 <= w["share"] <= 1:
-        _fail(f"{where}.share", f"must be a number in [0, 1], got {w['share']!r}")
-    if "alive" in w and not isinstance(w["alive"], bool):
-        _fail(f"{where}.alive", f"must be true or false, got {w['alive']!r}")
-    wait = w.get("queue_wait_us")
-    if wait is not None:
-        if not isinstance(wait, dict):
-            _fail(f"{where}.queue_wait_us", "must be an object")
-        for k in ("p50", "p99", "max", "mean"):
-            if wait.get(k) is not None and (not _is_num(wait[k]) or wait[k] < 0):
-                _fail(f"{where}.queue_wait_us.{k}", f"must be a non-negative number or null, got {wait[k]!r}")
-        _count(wait, "count", f"{where}.queue_wait_us", optional=True)
-    hist = w.get("queue_wait_hist")
-    if hist is not None:
-        if not isinstance(hist, list):
-            _fail(f"{where}.queue_wait_hist", "must be a list")
-        for j, b in enumerate(hist):
-            ok = (isinstance(b, list) and len(b) == 3 and all(_is_int(x) for x in b)
-                  and 0 <= b[0] < b[1] and b[2] >= 0)
-            if not ok:
-                _fail(f"{where}.queue_wait_hist[{j}]", f"must be [low_ns, high_ns, count], got {b!r}")
-    inf = w.get("inflight")
-    if inf is not None:
-        if not isinstance(inf, dict):
-            _fail(f"{where}.inflight", "must be an object or absent")
-        _need(inf, INFLIGHT_KEYS, f"{where}.inflight")
-        for k in INFLIGHT_KEYS:
-            _count(inf, k, f"{where}.inflight")
-        life = inf.get("life_ms")
-        if life is not None:
-            if not isinstance(life, dict):
-                _fail(f"{where}.inflight.life_ms", "must be an object")
-            for k in ("mean", "max"):
-                if life.get(k) is not None and not _is_num(life[k]):
-                    _fail(f"{where}.inflight.life_ms.{k}", f"must be a number or null, got {life[k]!r}")
-
-
-def _check_listener(lst: Any, where: str) -> None:
-    if not isinstance(lst, dict):
-        _fail(where, f"must be an object, got {type(lst).__name__}")
-    _need(lst, LISTENER_KEYS, where)
-    if not _is_int(lst["port"]) or not 0 <= lst["port"] < 65536:
-        _fail(f"{where}.port", f"must be a TCP port, got {lst['port']!r}")
-    if not isinstance(lst["pids"], list) or not all(_is_int(p) for p in lst["pids"]):
-        _fail(f"{where}.pids", "must be a list of process ids")
-    _count(lst, "accepts", where)
-    qd = lst["queue_depth"]
-    if not isinstance(qd, dict):
-        _fail(f"{where}.queue_depth", "must be an object")
-    for k in ("current", "max", "limit"):
-        _count(qd, k, f"{where}.queue_depth", optional=True)
-    hist = lst.get("depth_history")
-    if hist is not None:
-        if not isinstance(hist, list):
-            _fail(f"{where}.depth_history", "must be a list")
-        for j, p in enumerate(hist):
-            if not (isinstance(p, list) and len(p) == 2 and all(_is_num(x) for x in p)):
-                _fail(f"{where}.depth_history[{j}]", f"must be [seconds, depth], got {p!r}")
+def load_document(doc: Any) -> Document:
+    """The parsed export as a Document (daemon/document.py); ReportError (one line naming the
+    offending key) when it is not an accept-watch/1 export with everything the report reads. The
+    sequence data is then read by analysis.analyze."""
+    try:
+        return Document.from_dict(doc)
+    except DocumentError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def validate_export(doc: Any) -> None:
-    """Raise ReportError (one line, naming the offending key) unless `doc` is an accept-watch/1 export
-    with everything the report reads. The sequence data (transitions, rate_history) is checked by
-    analysis.analyze itself."""
-    if not isinstance(doc, dict):
-        raise ReportError(f"not an accept-watch export (a JSON object is expected, got {type(doc).__name__})")
-    if "schema" not in doc:
-        raise ReportError(f"no 'schema' key: not an accept-watch export (expected {SCHEMA!r})")
-    if doc["schema"] != SCHEMA:
-        raise ReportError(f"schema {doc['schema']!r} is not {SCHEMA!r}")
-    missing = [k for k in REQUIRED_KEYS if k not in doc]
-    if missing:
-        raise ReportError(f"missing key(s) {', '.join(missing)}")
-    if not _is_int(doc["master_pid"]):
-        _fail("master_pid", f"must be a process id, got {doc['master_pid']!r}")
-    if not isinstance(doc["probe"], str):
-        _fail("probe", f"must be a string, got {doc['probe']!r}")
-    if not _is_num(doc["duration_s"]) or doc["duration_s"] < 0:
-        _fail("duration_s", f"must be a non-negative number, got {doc['duration_s']!r}")
-    for key in ("total_accepts", "lost_events", "unattributed"):
-        if not _is_int(doc[key]) or doc[key] < 0:
-            _fail(key, f"must be a non-negative integer, got {doc[key]!r}")
-    for key in ("master_cmdline", "probe_detail", "kernel", "started_at", "ended_at", "tool_version"):
-        if doc.get(key) is not None and not isinstance(doc[key], str):
-            _fail(key, f"must be a string, got {doc[key]!r}")
-    for key in ("workers", "listeners", "transitions"):
-        if not isinstance(doc[key], list):
-            _fail(key, f"must be a list, got {type(doc[key]).__name__}")
-    for i, w in enumerate(doc["workers"]):
-        _check_worker(w, f"workers[{i}]")
-    for i, lst in enumerate(doc["listeners"]):
-        _check_listener(lst, f"listeners[{i}]")
-    stored = doc.get("analysis")
-    if stored is not None and not isinstance(stored, dict):
-        _fail("analysis", f"must be an object, got {type(stored).__name__}")
+    """Raise ReportError unless `doc` is an accept-watch/1 export (see load_document)."""
+    load_document(doc)
 
 
 def _read_bounded(path: Path) -> bytes:
@@ -234,8 +116,9 @@ def _no_constant(name: str) -> Any:
     raise ReportError(f"not JSON ({name} is not a JSON number)")
 
 
-def load_export(path: Path) -> dict[str, Any]:
-    """Read and check an export; every failure is a ReportError naming the file."""
+def read_export(path: Path) -> Document:
+    """Read an export (bounded) and load it through the model; every failure is a ReportError
+    naming the file."""
     data = _read_bounded(path)
     try:
         text = data.decode("utf-8")
@@ -251,10 +134,14 @@ def load_export(path: Path) -> dict[str, Any]:
     except ReportError as exc:
         raise ReportError(f"{path}: {exc}") from None
     try:
-        validate_export(doc)
+        return load_document(doc)
     except ReportError as exc:
         raise ReportError(f"{path}: {exc}") from None
-    return doc
+
+
+def load_export(path: Path) -> dict[str, Any]:
+    """read_export as the JSON dict the views render."""
+    return read_export(path).to_dict()
 
 
 def recompute(doc: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:

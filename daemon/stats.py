@@ -1,4 +1,4 @@
-"""Aggregation: cumulative kernel counters in, the "accept-watch/1" JSON document out.
+"""Aggregation: cumulative kernel counters in, the accept-watch/1 Document (daemon/document.py) out.
 
 The kernel keeps exact cumulative counters per (pid, port); this module only sums, differentiates
 and windows them. Everything it keeps is bounded however long it runs: time windows (rates, rate and
@@ -29,12 +29,12 @@ from accept_watch import __version__
 from . import discovery
 from .clock import ClockMap, iso_utc
 from .discovery import ProcessInfo, Topology
+from .document import SCHEMA_ID, Document
 from .export import event_to_dict
 from .fairshare import ShareTracker
 from .generations import Masters
 from .listenerstate import ListenerTable
 
-SCHEMA = "accept-watch/1"
 _NS = 1_000_000_000
 RATE_WINDOWS_S = (1, 10, 60)
 HISTORY_S = 300  # rate_history span
@@ -132,11 +132,10 @@ class Aggregator:
         self._max_exited = max_exited
         self._max_transitions = max_transitions
         self._lock = threading.RLock()
-        self._hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         # The document changes only with update(): the terminal, the export, every dashboard push and
-        # every /api/snapshot poll share one build (and one analysis) per update. Treat it as read-only.
+        # every /api/snapshot poll share one build per update. Treat it as read-only.
         self._generation = 0
-        self._cached: tuple[int, dict[str, Any]] | None = None
+        self._cached: tuple[int, Document] | None = None
 
         self._topology = topology
         self._workers: dict[int, _Worker] = {}
@@ -168,14 +167,11 @@ class Aggregator:
         self._masters.update(topology, self._workers_roles(), None, iso_utc(self.clock.start_wall))
 
     # -- inputs ----------------------------------------------------------------------------------
-    def set_analysis_hook(self, fn: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
-        """fn(document without analysis) -> the "analysis" section; called once per update."""
-        self._hook = fn
-        self._cached = None
-
-    def snapshot(self) -> dict[str, Any]:
-        """The live document (the dashboard's DashboardSource protocol)."""
-        return self.document()
+    def set_probe(self, probe: str, detail: str) -> None:
+        """The hook actually attached (known only after the attach, which follows the clock's start)."""
+        with self._lock:
+            self.probe, self.probe_detail = probe, detail
+            self._generation += 1
 
     def add_event(self, ev: AcceptEvent) -> None:
         d = event_to_dict(ev, self.clock)
@@ -233,7 +229,8 @@ class Aggregator:
             self._generation += 1
 
     # -- document --------------------------------------------------------------------------------
-    def document(self, ended: bool = False) -> dict[str, Any]:
+    def model(self, ended: bool = False) -> Document:
+        """The typed document (analysis still empty: the run loop calls daemon/analysis.py on it)."""
         with self._lock:
             cached, generation = self._cached, self._generation
             if cached is not None and cached[0] == generation and not ended:
@@ -243,15 +240,13 @@ class Aggregator:
                 # The final read rarely lands on a bin boundary: keep its accepts in the history.
                 if self._last_ns is not None and self._last_ns > self._bin_start:
                     self._close_bin(self._last_ns)
-            doc = self._build()
-        hook = self._hook
-        if hook is not None:
-            try:
-                doc["analysis"] = hook(doc)
-            except Exception as exc:  # the counts stay valid; say why the "why" is missing
-                doc["analysis"] = {"error": f"analysis failed: {type(exc).__name__}: {exc}"}
-        self._cached = (generation, doc)
+            doc = Document.model_validate(self._build())
+            self._cached = (generation, doc)
         return doc
+
+    def document(self, ended: bool = False) -> dict[str, Any]:
+        """The same as a JSON dict (Document.to_dict()), for readers of plain dicts."""
+        return self.model(ended).to_dict()
 
     # -- internals -------------------------------------------------------------------------------
     def _new_worker(self, info: ProcessInfo | None, pid: int, discovered: bool, base: _Raw | None) -> _Worker:
@@ -523,7 +518,7 @@ class Aggregator:
         end = self._ended_ns if self._ended_ns is not None else self.clock.mono_clock()
         updated = self._last_ns if self._last_ns is not None else self.clock.start_mono
         return {
-            "schema": SCHEMA,
+            "schema": SCHEMA_ID,
             "tool_version": __version__,
             "master_pid": self._topology.master_pid,
             "master_cmdline": self._topology.master_cmdline,

@@ -27,6 +27,7 @@ from .backstop import Backstop
 from .blocked import blocked_workers
 from .eventdrain import EventDrainer
 from .exportsink import ExportSink
+from .published import PublishedDocument
 from .roles import assign_roles
 from .sanitize import clean
 from .stats import Aggregator
@@ -126,11 +127,12 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # The dashboard's address is taken now (port in use, address not on this host): refused before
     # a single probe is attached. It starts serving once the probes count.
-    dashboard = None if args.no_dashboard or args.dry_run else _bind_dashboard(args, aggregator)
+    published = PublishedDocument(aggregator.model(), aggregator.recent_events)
+    dashboard = None if args.no_dashboard or args.dry_run else _bind_dashboard(args, published)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _attach_and_watch(args, layout, want_events, probe, topology, aggregator, wait_modes,
-                                 ports, stop, dashboard)
+                                 ports, stop, published, dashboard)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -140,14 +142,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, probe: ProbeKind | None,
                       topology: discovery.Topology, aggregator: Aggregator, wait_modes: WaitModes,
-                      ports: list[int], stop: threading.Event, dashboard: Any = None) -> int:
+                      ports: list[int], stop: threading.Event, published: PublishedDocument,
+                      dashboard: Any = None) -> int:
     from accept_watch.probes.kernel import AcceptProbes
 
     with AcceptProbes(layout, emit_events=want_events, inflight=not args.no_inflight) as probes:
         result = probes.attach(probe, topology.processes.keys(), ports)
         if args.port:
             probes.only_watched_ports(True)
-        aggregator.probe, aggregator.probe_detail = result.kind.value, result.detail
+        aggregator.set_probe(result.kind.value, result.detail)
         failed = [f"{a.kind}: {a.error}" for a in result.attempts if not a.ok]
         print(f"accept-watch: probe {result.kind} ({result.detail}); compiled in {result.compile_s:.2f} s, "
               f"attached in {result.attach_s:.2f} s", file=sys.stderr)
@@ -161,15 +164,22 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
         # entered it before (the backstop will see its exit) or after (the primary sees it).
         backstop = Backstop(probes, result.kind, topology.processes.keys(), time.monotonic())
         aggregator.backstop = backstop.to_doc()
-        return _loop(args, probes, topology, aggregator, wait_modes, stop, backstop, dashboard)
+        return _loop(args, probes, topology, aggregator, wait_modes, stop, backstop, published, dashboard)
 
 
 def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
-          wait_modes: WaitModes, stop: threading.Event, backstop: Backstop, bound: Any = None) -> int:
+          wait_modes: WaitModes, stop: threading.Event, backstop: Backstop, published: PublishedDocument,
+          bound: Any = None) -> int:
     from accept_watch.probes.kernel import ProbeError
 
+    def publish(ended: bool = False) -> dict[str, Any]:
+        """aggregator -> document -> analysis -> the views' copy; the dict every view renders."""
+        doc = analysis.analyzed(aggregator.model(ended), wait_modes.current())
+        return published.publish(doc).to_dict()
+
     only = set(args.port) if args.port else None
-    aggregator.set_analysis_hook(lambda doc: analysis.analyze(doc, wait_modes.current()))
+    publish()
+    screen = _Screen(sys.stdout.isatty() and not args.quiet)
     blocked = BlockedSampler()
     events = args.events is not None or args.stream
     writer = (export.EventWriter(args.events, clock=aggregator.clock, ports=only, sample=args.events_sample)
@@ -189,7 +199,6 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
             topology, pidfile=args.pidfile, grace_s=args.grace, ports=only,
             on_new_processes=probes.track, on_new_ports=probes.watch_ports,
             say=lambda line: print(f"accept-watch: {line}", file=sys.stderr))
-        tty = sys.stdout.isatty() and not args.quiet
         while not stop.is_set():
             tick_end = time.monotonic() + args.interval
             if deadline is not None:
@@ -221,10 +230,11 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
                               **_evidence(snapshot, topology, wait_modes))
             wait_modes.maybe_sample(topology)
             blocked.maybe_sample(snapshot, aggregator)
+            doc = publish()
             if not args.quiet:
-                _show(aggregator.document(), tty)
+                screen.show(doc)
             if sink is not None and now >= next_export:
-                sink.periodic(aggregator.document())  # a failure is reported and retried, never fatal
+                sink.periodic(doc)  # a failure is reported and retried, never fatal
                 next_export = now + EXPORT_EVERY_S
             if deadline is not None and now >= deadline:
                 break
@@ -236,11 +246,11 @@ def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, a
         final = probes.snapshot()
         aggregator.update(_only_ports(final, only), topology, _depths(topology) or {},
                           **_evidence(final, topology, wait_modes))
-        doc = aggregator.document(ended=True)
+        doc = publish(ended=True)
     except ProbeError:
         # The maps could not be read any more: keep what was measured up to the last good read.
         if sink is not None:
-            sink.final(aggregator.document(ended=True))
+            sink.final(publish(ended=True))
         raise
     finally:
         if drainer is not None:  # left early (an error): stop the thread before the writer closes
@@ -392,12 +402,12 @@ def _refresh(probes: Any, topology: discovery.Topology, only: set[int] | None) -
     return fresh
 
 
-def _bind_dashboard(args: argparse.Namespace, aggregator: Aggregator) -> Any:
+def _bind_dashboard(args: argparse.Namespace, published: PublishedDocument) -> Any:
     from accept_watch.dashboard.server import DashboardError, DashboardServer
 
     host, port = args.listen
     try:
-        server = DashboardServer(aggregator, listen_host=host, port=port, token=args.token)
+        server = DashboardServer(published, listen_host=host, port=port, token=args.token)
         server.bind()
     except (DashboardError, ValueError) as exc:
         raise WatchError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
@@ -429,20 +439,23 @@ def _width() -> int:
     return shutil.get_terminal_size((100, 40)).columns
 
 
-_last_plain = 0.0
+class _Screen:
+    """The live view: the table redrawn on a terminal, one summary line every 5 s in a pipe or log."""
 
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self._last_plain = 0.0
 
-def _show(doc: dict, tty: bool) -> None:
-    global _last_plain
-    if tty:
-        sys.stdout.write("\x1b[H\x1b[2J" + terminal.render(doc, width=_width(), ansi=True) + "\n")
-        sys.stdout.flush()
-        return
-    now = time.monotonic()
-    if now - _last_plain >= 5:
-        _last_plain = now
-        with contextlib.suppress(BrokenPipeError):
-            print(terminal.summary_line(doc), flush=True)
+    def show(self, doc: dict[str, Any]) -> None:
+        if self.tty:
+            sys.stdout.write("\x1b[H\x1b[2J" + terminal.render(doc, width=_width(), ansi=True) + "\n")
+            sys.stdout.flush()
+            return
+        now = time.monotonic()
+        if now - self._last_plain >= 5:
+            self._last_plain = now
+            with contextlib.suppress(BrokenPipeError):
+                print(terminal.summary_line(doc), flush=True)
 
 
 def _only_ports(snapshot: KernelSnapshot, ports: set[int] | None) -> KernelSnapshot:

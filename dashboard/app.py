@@ -17,10 +17,11 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import anyio
+from accept_watch.daemon.document import Document, StreamedDocument
 from accept_watch.dashboard.guard import RequestGuard, check_token, normalise_hosts
 from accept_watch.dashboard.limits import ConnectionLimits
 from accept_watch.dashboard.metrics import make_registry
-from accept_watch.dashboard.schema import ErrorDetail, Health, Snapshot, StreamedSnapshot
+from accept_watch.dashboard.schema import ErrorDetail, Health
 from accept_watch.dashboard.source import DashboardSource
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.openapi.utils import get_openapi
@@ -159,7 +160,7 @@ def create_app(
     @app.get(
         "/api/snapshot",
         response_class=Response,
-        responses={200: {"model": Snapshot, "description": "The accept-watch/1 document"}, **_ERRORS},
+        responses={200: {"model": Document, "description": "The accept-watch/1 document"}, **_ERRORS},
     )
     def snapshot(
         download: Annotated[bool, Query(description="add Content-Disposition: attachment")] = False,
@@ -286,7 +287,7 @@ def _customise_openapi(app: FastAPI, token: str | None) -> None:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        streamed = StreamedSnapshot.model_json_schema(
+        streamed = StreamedDocument.model_json_schema(
             by_alias=True, mode="serialization", ref_template="#/components/schemas/{model}"
         )
         for name, definition in streamed.pop("$defs", {}).items():

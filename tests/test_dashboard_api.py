@@ -13,10 +13,10 @@ from datetime import datetime
 import httpx
 import pytest
 import schemathesis
+from accept_watch.daemon.document import Document as Snapshot
 from accept_watch.dashboard import DashboardError, DashboardServer, create_app
 from accept_watch.dashboard.demo import SyntheticSource
 from accept_watch.dashboard.metrics import LE_BOUNDS_NS, server_name
-from accept_watch.dashboard.schema import Snapshot
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings

@@ -341,8 +341,8 @@ def _drop(key: str) -> Callable[[dict], None]:
     (lambda d: d["listeners"][0]["queue_depth"].update(max=-1), "listeners[0].queue_depth.max"),
     (lambda d: d.update(workers={}), "workers must be a list"),
     (lambda d: d.update(total_accepts=None), "total_accepts must be a non-negative integer"),
-    (lambda d: d["rate_history"].append(["x", {}]), "cannot analyze the export: analysis: rate_history["),
-    (lambda d: d["transitions"].append({"port": 1}), "cannot analyze the export: analysis: transitions["),
+    (lambda d: d["rate_history"].append(["x", {}]), "][0] must be a number, got 'x'"),
+    (lambda d: d["transitions"].append({"port": 1}), "has no 'from'"),
     (lambda d: d["workers"].append(copy.deepcopy(d["workers"][1])), "appears twice"),
     (lambda d: d.update(analysis=[]), "analysis must be an object"),
 ])

@@ -1,5 +1,6 @@
-"""Documents from the real aggregator (daemon/stats.py) validate against the published schema
-(dashboard/schema.py, the OpenAPI contract), including the null and unknown cases."""
+"""Documents from the real aggregator (daemon/stats.py) validate against the published model
+(daemon/document.py, from which the OpenAPI schema is generated), including the null and unknown
+cases, and round-trip through it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
+from accept_watch.daemon.document import Document as Snapshot
 from accept_watch.daemon.stats import Aggregator
-from accept_watch.dashboard.schema import Snapshot
 from accept_watch.probes.records import Counter, KernelSnapshot, ListenerCounters, WorkerCounters
 
 from tests.test_report import simulate
@@ -51,3 +52,26 @@ def test_unknown_and_null_fields_validate() -> None:
     assert next(lst for lst in doc["listeners"] if lst["inode"] == 11)["queue_depth"]["limit"] is None
     Snapshot.model_validate(doc)
     assert Snapshot.model_validate(json.loads(json.dumps(doc))).total_accepts == 6  # round trip
+
+
+def test_exports_round_trip_through_the_model() -> None:
+    """What the aggregator builds, analysed, is exactly what loading it back gives (keys, values)."""
+    from accept_watch.daemon import analysis
+    from accept_watch.daemon.document import Document
+
+    raw = json.loads(REAL_EXPORT.read_text())
+    assert Document.from_dict(raw).to_dict() == raw
+    doc = simulate(pattern="lifo", seconds=8)
+    assert Document.from_dict(json.loads(json.dumps(doc))).to_dict() == doc
+    model = analysis.analyzed(Document.from_dict(doc))
+    assert model.analysis.verdict is not None and model.analysis.competitors is not None
+    again = Document.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.to_dict() == model.to_dict()
+
+
+def test_a_worker_may_carry_container_fields() -> None:
+    raw = json.loads(REAL_EXPORT.read_text())
+    raw["workers"][0] |= {"nspid": 7, "container": {"id": "abc", "runtime": "docker"}, "later": [1]}
+    out = Snapshot.from_dict(raw).to_dict()["workers"][0]
+    assert out["nspid"] == 7 and out["container"]["id"] == "abc" and out["later"] == [1]
+

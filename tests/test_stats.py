@@ -386,19 +386,21 @@ def test_older_snapshot_is_refused() -> None:
         agg.update(counts_snap(START + S, {101: 1}), topo(), {})
 
 
-def test_analysis_hook() -> None:
+def test_analysis_is_added_by_the_caller_not_written_back() -> None:
+    """The aggregator's document has an empty analysis; analyzed() returns a new document with one,
+    and a failing analysis says why instead of losing the counts."""
+    from accept_watch.daemon import analysis
+
     agg, _ = make()
     agg.update(counts_snap(START + S, {101: 3}), topo(), {})
-    seen: list[dict] = []
-
-    def hook(doc: dict) -> dict:
-        seen.append(doc)
-        return {"total_seen": doc["total_accepts"]}
-
-    agg.set_analysis_hook(hook)
-    doc = agg.document()
-    assert doc["analysis"] == {"total_seen": 3}
-    assert seen[0]["workers"] == doc["workers"]
+    doc = agg.model()
+    assert doc.to_dict()["analysis"] == {}
+    done = analysis.analyzed(doc)
+    assert done is not doc and doc.to_dict()["analysis"] == {}
+    assert done.to_dict()["analysis"]["fairness"]["accepts"] == 3
+    assert done.to_dict()["workers"] == doc.to_dict()["workers"]
+    broken = analysis.analyzed(doc, {"x": "not a mode"})
+    assert broken.to_dict()["analysis"]["error"].startswith("analysis failed: ValueError")
 
 
 def test_real_analysis_accepts_the_document() -> None:
@@ -415,8 +417,7 @@ def test_real_analysis_accepts_the_document() -> None:
             trans[(PORT, prev, pid)] = trans.get((PORT, prev, pid), 0) + 1
             prev = pid
     agg.update(snap(START + 31 * S, [wc(p, 300) for p in (101, 102, 103)], transitions=trans), topo(), {})
-    agg.set_analysis_hook(analysis.analyze)
-    doc = agg.document()
+    doc = analysis.analyzed(agg.model()).to_dict()
     # The idle master is not a competitor; the three workers are.
     assert doc["analysis"]["fairness"]["workers"] == 3
     assert doc["analysis"]["fairness"]["accepts"] == 900
@@ -459,18 +460,15 @@ def test_document_while_updating_from_another_thread() -> None:
     assert not errors, errors[0]
 
 
-def test_one_document_and_one_analysis_per_update() -> None:
+def test_one_document_per_update() -> None:
     agg, clock = make()
-    calls = []
-    agg.set_analysis_hook(lambda doc: calls.append(doc["total_accepts"]) or {"n": len(calls)})
     clock.mono = START + S
     agg.update(snap(START + S, [wc(101, 5)]), topo(), {})
-    first = agg.document()
-    assert agg.document() is first and agg.snapshot() is first  # terminal, export, dashboard share it
-    assert calls == [5]
+    first = agg.model()
+    assert agg.model() is first and agg.document() is first.to_dict()  # terminal, export, dashboard share it
     clock.mono = START + 2 * S
     agg.update(snap(START + 2 * S, [wc(101, 9)]), topo(), {})
     second = agg.document()
-    assert second is not first and second["total_accepts"] == 9 and calls == [5, 9]
+    assert second is not first.to_dict() and second["total_accepts"] == 9
     ended = agg.document(ended=True)
-    assert ended["ended_at"] is not None and calls == [5, 9, 9]
+    assert ended["ended_at"] is not None
