@@ -198,6 +198,28 @@ def _spans(entry: Mapping[str, Any], where: str) -> dict[int, tuple[float, float
     return out
 
 
+def competing_pids(workers: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Who the accepts are shared by now - the one rule every view's fair share comes from: the live
+    workers (roles from evidence, daemon/roles.py; masters and helpers never compete) and any process
+    that did accept; once none is alive, every one of them."""
+    ws = [w for w in workers if isinstance(w, Mapping) and isinstance(w.get("pid"), int)
+          and (w.get("role", "worker") == "worker" or (w.get("accepts") or 0) > 0)]
+    live = [w for w in ws if w.get("alive", True)]
+    return sorted(w["pid"] for w in (live or ws))
+
+
+def competitors(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The analysis' `competitors` section ({"pids", "fair_share"}); computed by the same rule for a
+    document analysed by an older version (or built by hand)."""
+    section = doc.get("analysis")
+    stored = section.get("competitors") if isinstance(section, Mapping) else None
+    if (isinstance(stored, Mapping) and isinstance(stored.get("pids"), list)
+            and (stored.get("fair_share") is None or isinstance(stored.get("fair_share"), float))):
+        return {"pids": list(stored["pids"]), "fair_share": stored.get("fair_share")}
+    pids = competing_pids(doc.get("workers") or [])
+    return {"pids": pids, "fair_share": 1 / len(pids) if pids else None}
+
+
 def analyzed(document: Document, wait_modes: Mapping[Any, Any] | None = None) -> Document:
     """The document with its analysis section; a failure leaves the counts valid and says why the
     "why" is missing (the run loop calls this once per update)."""
@@ -370,11 +392,9 @@ def analyze(doc: Document | Mapping[str, Any], wait_modes: Mapping[Any, Any] | N
     flags.extend(_flags(doc, overall, overall_pids, accepts, alive, mode_names, competes))
     worker_modes = {p: m for p, m in mode_names.items() if competes(p) and role.get(p) != "helper"}
     summary = _Counter(worker_modes.values())
-    contenders = [p for p in overall_pids if p != 0]
-    live_contenders = [p for p in contenders if alive.get(p, True)] or contenders
+    pids_now = competing_pids(workers)
     return {
-        "competitors": {"pids": live_contenders,
-                        "fair_share": 1 / len(live_contenders) if live_contenders else None},
+        "competitors": {"pids": pids_now, "fair_share": 1 / len(pids_now) if pids_now else None},
         "fairness": fair,
         "per_port": per_port,
         "verdict": overall,

@@ -31,7 +31,7 @@ from .export import ExportError, check_writable, write_text_atomic
 from .report_html import flag_messages, fmt_p, fmt_span, render_html
 from .safefile import kind, reason
 from .sanitize import clean, clean_doc
-from .terminal import competing, fmt_duration, fmt_us, share_bar
+from .terminal import fmt_duration, fmt_us, share_bar
 
 SCHEMA = SCHEMA_ID
 # Keys the daemon always writes and the report cannot do without (the model's required top-level keys).
@@ -267,8 +267,7 @@ def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100,
     if not doc["listeners"]:
         out.append("  (none)")
 
-    n = competing(workers)
-    fair_share = 1 / n if n else None
+    fair_share = analysis.competitors({"workers": workers, "analysis": result})["fair_share"]
     with_inflight = any(isinstance(w.get("inflight"), dict) for w in workers)
     out += ["", st.bold(f"workers ({len(workers)}; fair share "
                         f"{'-' if fair_share is None else f'{fair_share * 100:.1f} %'})")]

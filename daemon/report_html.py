@@ -17,7 +17,7 @@ from typing import Any
 
 from accept_watch.probes.histogram import nearest_rank, span_mid
 
-from .analysis import MATERIAL_SHARE, inflight_flagged
+from .analysis import MATERIAL_SHARE, competitors, inflight_flagged
 from .report_svg import (  # noqa: F401 - fmt_*, nice_ticks, log_ticks: the report API
     BINS_PER_DECADE,
     BLUE,
@@ -58,7 +58,7 @@ from .report_svg import (  # noqa: F401 - fmt_*, nice_ticks, log_ticks: the repo
     log_ticks,
     nice_ticks,
 )
-from .terminal import competing, fmt_duration
+from .terminal import fmt_duration
 
 CSS = """
 *{box-sizing:border-box}
@@ -591,8 +591,8 @@ def render_html(doc: Mapping[str, Any], result: Mapping[str, Any], warnings: Seq
     listeners = list(doc.get("listeners") or [])
     verdict = result.get("verdict") or {}
     fair_figs = result.get("fairness") or {}
-    n_comp = competing(workers)
-    fair = 1 / n_comp if n_comp else None
+    comp = competitors({"workers": workers, "analysis": result})
+    n_comp, fair = len(comp["pids"]), comp["fair_share"]
     lost, unattributed = int(doc.get("lost_events") or 0), int(doc.get("unattributed") or 0)
     total = int(doc.get("total_accepts") or 0)
     by_workers = sum(int(w.get("accepts") or 0) for w in workers)

@@ -11,7 +11,7 @@ from typing import Any
 
 from accept_watch.probes.records import degraded_lines
 
-from .analysis import inflight_flagged
+from .analysis import competitors, inflight_flagged
 from .sanitize import clean_doc
 
 _STYLES = {
@@ -68,14 +68,6 @@ def fmt_us(us: float | None) -> str:
 def _endpoint(lst: dict[str, Any]) -> str:
     addr = str(lst.get("address") or "?")
     return f"[{addr}]:{lst.get('port')}" if ":" in addr else f"{addr}:{lst.get('port')}"
-
-
-def competing(workers: list[dict[str, Any]]) -> int:
-    """How many processes the accepts are shared by now: the live workers (roles come from evidence,
-    daemon/roles.py: masters and helpers never compete), or, once none is alive, every worker."""
-    ws = [w for w in workers if w.get("role", "worker") == "worker" or int(w.get("accepts") or 0) > 0]
-    alive = [w for w in ws if w.get("alive", True)]
-    return len(alive) if alive else len(ws)
 
 
 def share_bar(share: float, max_share: float, fair: float | None, width: int) -> str:
@@ -177,8 +169,7 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
         return "\n".join(lines)
     cols, fixed = (_COLS, _FIXED) if width >= FULL_WIDTH else (_COLS_COMPACT, _FIXED_COMPACT)
     bar_w = max(MIN_BAR, width - fixed)
-    n = competing(workers)
-    fair = 1.0 / n if n else None
+    fair = competitors(doc)["fair_share"]
     max_share = max(float(w.get("share") or 0.0) for w in workers)
     head = cols.format(
         pid="pid", accepts="accepts", share="share",
@@ -247,7 +238,7 @@ def summary_line(doc: dict[str, Any]) -> str:
     doc = _safe(doc)
     workers = doc.get("workers") or []
     total = int(doc.get("total_accepts") or 0)
-    n = competing(workers)
+    n = len(competitors(doc)["pids"])
     parts = [f"accept-watch: {total:,} accepts by {n} worker{'s' if n != 1 else ''} "
              f"in {fmt_duration(doc.get('duration_s'))}"]
     if total and workers:

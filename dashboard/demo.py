@@ -1,4 +1,4 @@
-"""A synthetic DashboardSource: accept-watch/1 documents from simulated traffic, no kernel involved.
+"""A synthetic DashboardSource: simulated kernel counters through the real aggregator and analysis.
 
 Used by the dashboard tests and to preview the page (`python -m accept_watch.dashboard.demo`). Time is
 simulated and only moves on advance(), so tests decide exactly when the document changes; the same
@@ -10,20 +10,49 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from accept_watch.probes.histogram import bucket_bounds, bucket_index, percentile
+from accept_watch.daemon.analysis import analyzed
+from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
+from accept_watch.daemon.document import Document
+from accept_watch.daemon.stats import Aggregator
+from accept_watch.probes.histogram import bucket_index
+from accept_watch.probes.records import (
+    AcceptEvent,
+    EventSource,
+    KernelSnapshot,
+    ListenerCounters,
+    WorkerCounters,
+)
 from accept_watch.probes.records import Counter as DiagCounter
 
-HISTORY = 300  # seconds of rate/depth history kept, as in the daemon's document
 BACKLOG_LIMIT = 2048
+_S = 1_000_000_000
+_START_NS = 1_000 * _S  # simulated CLOCK_MONOTONIC at the start
+
+
+@dataclass(slots=True)
+class _Cell:
+    """What the kernel would count for one (worker, port): cumulative, like the BPF maps."""
+
+    accepts: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    wait_sum_ns: int = 0
+    wait_max_ns: int = 0
+    hist: Counter[int] = field(default_factory=Counter)
 
 
 class SyntheticSource:
+    """Simulated kernel counters fed to the real Aggregator, analysed by the real analysis: the
+    documents are built exactly as the daemon builds them."""
+
     def __init__(
         self,
         workers: int = 8,
@@ -45,31 +74,30 @@ class SyntheticSource:
         self.pids = [master_pid + 1 + i for i in range(workers)]
         self.ports = list(ports)
         self.rate = rate
-        self.probe = probe
         # Zipf-like weights in a shuffled order: some workers win more often, as with epoll wake-ups.
         order = self.pids[:]
         self._rng.shuffle(order)
         self._weight = {pid: 1.0 / (rank + 1) ** skew for rank, pid in enumerate(order)}
         self._alive = set(self.pids)
-        self._started = datetime.now(UTC).replace(microsecond=0)
-        self._t = 0.0
-        self._accepts: Counter[int] = Counter()
-        self._port_accepts: Counter[int] = Counter()
-        self._hist: dict[int, Counter[int]] = {pid: Counter() for pid in self.pids}
-        self._wait_sum: Counter[int] = Counter()
-        self._wait_max: Counter[int] = Counter()
-        self._first: dict[int, float] = {}
-        self._last: dict[int, float] = {}
-        self._per_second: deque[tuple[float, dict[int, int]]] = deque(maxlen=HISTORY)
-        self._depth: dict[int, deque[tuple[float, int]]] = {p: deque(maxlen=HISTORY) for p in self.ports}
-        self._depth_now: dict[int, int] = dict.fromkeys(self.ports, 0)
+        self._now = _START_NS
+        started = datetime.now(UTC).replace(microsecond=0)
+        self._cells: dict[tuple[int, int], _Cell] = {}
+        self._listener_accepts: Counter[int] = Counter()
         self._depth_max: dict[int, int] = dict.fromkeys(self.ports, 0)
+        self._depth_now: dict[int, int] = dict.fromkeys(self.ports, 0)
         self._prev: dict[int, int] = {}
         self._transitions: Counter[tuple[int, int, int]] = Counter()
         self._diag = {c: 0 for c in DiagCounter}
-        self._events: deque[dict] = deque(maxlen=1000)
-        self._analysis: dict = {}
-        self._ended: datetime | None = None
+        self._modes = {pid: {"mode": "epoll", "detail": "synthetic: epoll_wait on the listener"}
+                       for pid in self.pids}
+        self._override: dict | None = None
+        self._ended = False
+        self._doc: Document | None = None
+        self._agg = Aggregator(
+            self._topology(), probe, "synthetic source (no kernel): simulated traffic for previews and tests",
+            "synthetic", wall_clock=lambda: int(started.timestamp() * _S) + self._now - _START_NS,
+            mono_clock=lambda: self._now, process_lookup=lambda pid: None, history_points=300)
+        self._agg.backstop = {"state": "not used", "pending_at_attach": 0, "retired_after_s": None}
 
     # ---- what tests and the preview drive -------------------------------------------------------
     def advance(self, seconds: int = 1) -> None:
@@ -83,171 +111,106 @@ class SyntheticSource:
             if pid not in self._weight:
                 raise ValueError(f"no worker with pid {pid}")
             self._alive.discard(pid)
+            self._update()
 
     def add_losses(self, lost_events: int = 0, unattributed: int = 0) -> None:
         with self._lock:
             self._diag[DiagCounter.EVENTS_LOST] += lost_events
             self._diag[DiagCounter.FD_WALK_FAILED] += unattributed
+            self._update()
 
     def set_analysis(self, analysis: dict) -> None:
+        """Show this analysis section instead of the computed one (what another daemon might say)."""
         with self._lock:
-            self._analysis = dict(analysis)
+            self._override = dict(analysis)
+            self._doc = None
 
     def end(self) -> None:
         with self._lock:
-            self._ended = self._wall(self._t)
+            self._ended = True
+            self._doc = None
 
     # ---- DashboardSource ----------------------------------------------------------------------
-    def snapshot(self) -> dict:
+    def model(self) -> Document:
         with self._lock:
-            return self._document()
+            if self._doc is None:
+                doc = analyzed(self._agg.model(ended=self._ended), self._modes)
+                self._doc = doc if self._override is None else doc.with_analysis(self._override)
+            return self._doc
+
+    def snapshot(self) -> dict:
+        # A copy of the top level: callers (tests) may pop keys; the document itself is shared.
+        return dict(self.model().to_dict())
 
     def recent_events(self, limit: int) -> list[dict]:
-        with self._lock:
-            return list(self._events)[-limit:] if limit > 0 else []
+        return self._agg.recent_events(limit) if limit > 0 else []
 
     # ---- simulation -----------------------------------------------------------------------------
-    def _wall(self, t: float) -> datetime:
-        return self._started + timedelta(seconds=t)
+    def _topology(self) -> Topology:
+        procs = {self.master_pid: ProcessInfo(self.master_pid, 1, f"gunicorn -w {len(self.pids)} app:app",
+                                              1.0, "master")}
+        procs |= {p: ProcessInfo(p, self.master_pid, "gunicorn: worker [app:app]", 1.0, "worker")
+                  for p in sorted(self._alive)}
+        holders = [self.master_pid, *sorted(self._alive)]
+        listeners = [Listener(self._inode(port), "ipv4", "127.0.0.1", port, holders, "shared")
+                     for port in self.ports]
+        return Topology(self.master_pid, procs[self.master_pid].cmdline, procs, listeners)
 
     def _tick(self) -> None:
-        self._t += 1.0
-        t = self._t
+        start = self._now
+        self._now += _S
+        t = (self._now - _START_NS) / _S
         alive = sorted(self._alive)
-        counts: Counter[int] = Counter()
+        busy: Counter[int] = Counter()
         if alive:
             # Traffic breathes slowly so the charts have something to show.
             n = max(0, round(self.rate * (1 + 0.4 * math.sin(t / 25)) + self._rng.gauss(0, self.rate * 0.05)))
             winners = self._rng.choices(alive, weights=[self._weight[p] for p in alive], k=n)
-            for pid in winners:
-                port = self._rng.choice(self.ports)
-                self._accept(t, pid, port)
-                counts[pid] += 1
-        self._per_second.append((t, dict(counts)))
+            for i, pid in enumerate(winners):
+                busy[pid] += 1
+                self._accept(start + (i + 1) * _S // (n + 1), pid, self._rng.choice(self.ports))
         for port in self.ports:
-            depth = max(0, round(self._rng.gauss(len(counts) / 4, 1.5)))
+            depth = max(0, round(self._rng.gauss(len(busy) / 4, 1.5)))
             self._depth_now[port] = depth
             self._depth_max[port] = max(self._depth_max[port], depth)
-            self._depth[port].append((t, depth))
+        self._update()
 
-    def _accept(self, t: float, pid: int, port: int) -> None:
+    def _accept(self, ts_ns: int, pid: int, port: int) -> None:
         wait_ns = int(self._rng.lognormvariate(math.log(60_000 * (1 + 3 * self._weight[pid])), 0.7))
-        self._accepts[pid] += 1
-        self._port_accepts[port] += 1
-        self._hist[pid][bucket_index(wait_ns)] += 1
-        self._wait_sum[pid] += wait_ns
-        self._wait_max[pid] = max(self._wait_max[pid], wait_ns)
-        self._first.setdefault(pid, t)
-        self._last[pid] = t
-        prev = self._prev.get(port)
-        if prev is not None:
-            self._transitions[(port, prev, pid)] += 1
+        cell = self._cells.setdefault((pid, port), _Cell())
+        cell.accepts += 1
+        cell.first_ns = cell.first_ns or ts_ns
+        cell.last_ns = ts_ns
+        cell.wait_sum_ns += wait_ns
+        cell.wait_max_ns = max(cell.wait_max_ns, wait_ns)
+        cell.hist[bucket_index(wait_ns)] += 1
+        self._listener_accepts[port] += 1
+        self._transitions[(port, self._prev.get(port, 0), pid)] += 1
         self._prev[port] = pid
-        self._events.append(
-            {
-                "ts": self._wall(t).isoformat(),
-                "pid": pid,
-                "tid": pid,
-                "comm": "gunicorn",
-                "family": "ipv4",
-                "local_addr": "127.0.0.1",
-                "local_port": port,
-                "peer_addr": "127.0.0.1",
-                "peer_port": self._rng.randint(32768, 60999),
-                "queue_wait_us": wait_ns / 1000,
-                "backlog": self._depth_now[port],
-                "backlog_limit": BACKLOG_LIMIT,
-                "listener_inode": self._inode(port),
-                "source": "syscall_exit",
-            }
+        self._agg.add_event(AcceptEvent(
+            ts_ns, pid, pid, "gunicorn", socket.AF_INET, "127.0.0.1", port, "127.0.0.1",
+            self._rng.randint(32768, 60999), wait_ns, self._depth_now[port], BACKLOG_LIMIT,
+            self._inode(port), EventSource.SYSCALL_EXIT))
+
+    def _update(self) -> None:
+        snap = KernelSnapshot(
+            self._now,
+            tuple(WorkerCounters(pid, port, c.accepts, c.first_ns, c.last_ns, c.accepts, c.wait_sum_ns,
+                                 c.wait_max_ns, closed=c.accepts)
+                  for (pid, port), c in sorted(self._cells.items())),
+            {key: dict(c.hist) for key, c in self._cells.items()},
+            tuple(ListenerCounters(self._inode(port), port, self._listener_accepts[port],
+                                   self._depth_max[port], BACKLOG_LIMIT) for port in self.ports),
+            dict(self._transitions),
+            dict(self._diag),
         )
+        topology = self._topology()
+        self._agg.update(snap, topology, {self._inode(p): self._depth_now[p] for p in self.ports},
+                         alive=set(topology.processes))
+        self._doc = None
 
     def _inode(self, port: int) -> int:
         return 40_000 + self.ports.index(port)
-
-    def _rate(self, pid: int, window: int) -> float:
-        recent = list(self._per_second)[-window:]
-        if not recent:
-            return 0.0
-        return sum(c.get(pid, 0) for _, c in recent) / len(recent)
-
-    def _worker(self, pid: int, total: int) -> dict:
-        hist = self._hist[pid]
-        count = sum(hist.values())
-        accepts = self._accepts[pid]
-
-        def us(value: float | None) -> float | None:
-            return None if value is None else round(value / 1000, 3)
-
-        return {
-            "pid": pid,
-            "ppid": self.master_pid,
-            "cmdline": "gunicorn: worker [app:app]",
-            "role": "worker",
-            "accepts": accepts,
-            "share": accepts / total if total else 0.0,
-            "alive": pid in self._alive,
-            "first_seen": self._wall(self._first[pid]).isoformat() if pid in self._first else None,
-            "last_seen": self._wall(self._last[pid]).isoformat() if pid in self._last else None,
-            "rate": {"1s": self._rate(pid, 1), "10s": self._rate(pid, 10), "60s": self._rate(pid, 60)},
-            "queue_wait_us": {
-                "p50": us(percentile(hist, 50)),
-                "p99": us(percentile(hist, 99)),
-                "max": us(self._wait_max[pid]) if count else None,
-                "mean": us(self._wait_sum[pid] / count) if count else None,
-                "count": count,
-            },
-            "queue_wait_hist": [[*bucket_bounds(i), hist[i]] for i in sorted(hist) if hist[i]],
-        }
-
-    def _document(self) -> dict:
-        total = sum(self._accepts.values())
-        lost = self._diag[DiagCounter.EVENTS_LOST]
-        unattributed = self._diag[DiagCounter.STATS_MAP_FULL] + self._diag[DiagCounter.FD_WALK_FAILED]
-        now = self._ended or self._wall(self._t)
-        return {
-            "schema": "accept-watch/1",
-            "tool_version": "0.1.0",
-            "master_pid": self.master_pid,
-            "master_cmdline": f"gunicorn -w {len(self.pids)} app:app",
-            "probe": self.probe,
-            "probe_detail": "synthetic source (no kernel): simulated traffic for previews and tests",
-            "backstop": {"state": "not used", "pending_at_attach": 0, "retired_after_s": None},
-            "kernel": "synthetic",
-            "started_at": self._started.isoformat(),
-            "updated_at": now.isoformat(),
-            "ended_at": self._ended.isoformat() if self._ended else None,
-            "duration_s": self._t,
-            "total_accepts": total,
-            "lost_events": lost,
-            "unattributed": unattributed,
-            "diagnostics": {c.name.lower(): v for c, v in self._diag.items()},
-            "listeners": [
-                {
-                    "address": "127.0.0.1",
-                    "port": port,
-                    "family": "ipv4",
-                    "inode": self._inode(port),
-                    "mode": "shared",
-                    "pids": sorted(self._alive),
-                    "accepts": self._port_accepts[port],
-                    "queue_depth": {
-                        "current": self._depth_now[port],
-                        "max": self._depth_max[port],
-                        "limit": BACKLOG_LIMIT,
-                    },
-                    "depth_history": [[t, d] for t, d in self._depth[port]],
-                }
-                for port in self.ports
-            ],
-            "workers": [self._worker(pid, total) for pid in self.pids],
-            "rate_history": [[t, {str(p): n for p, n in sorted(c.items())}] for t, c in self._per_second],
-            "transitions": [
-                {"port": port, "from": a, "to": b, "count": n}
-                for (port, a, b), n in sorted(self._transitions.items())
-            ],
-            "analysis": dict(self._analysis),
-        }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -171,14 +171,16 @@ def test_metrics_equal_snapshot(client: TestClient, source: SyntheticSource) -> 
     # Live workers one series each; every exited one summed into pid="exited" (bounded cardinality).
     accepts = {s.labels["pid"]: s.value for s in m["accept_watch_worker_accepts"]
                if s.name.endswith("_total")}
-    live = {str(w["pid"]): w["accepts"] for w in doc["workers"] if w["alive"]}
-    gone = sum(w["accepts"] for w in doc["workers"] if not w["alive"])
+    # The idle master is not a worker: no series of its own.
+    workers = [w for w in doc["workers"] if w["role"] == "worker"]
+    live = {str(w["pid"]): w["accepts"] for w in workers if w["alive"]}
+    gone = sum(w["accepts"] for w in workers if not w["alive"])
     assert gone > 0 and accepts == live | {"exited": gone}
     assert str(source.pids[0]) not in accepts
     assert sum(accepts.values()) == doc["total_accepts"]
     assert [s.value for s in m["accept_watch_accepts"] if s.name.endswith("_total")] == [doc["total_accepts"]]
     share = {s.labels["pid"]: s.value for s in m["accept_watch_worker_share_ratio"]}
-    assert share == {str(w["pid"]): w["share"] for w in doc["workers"] if w["alive"]}
+    assert share == {str(w["pid"]): w["share"] for w in workers if w["alive"]}
     assert [s.value for s in m["accept_watch_live_workers"]] == [len(live)]
     assert [s.value for s in m["accept_watch_lost_events"]] == [5]
     assert m["accept_watch_lost_events"][0].name == "accept_watch_lost_events_total"

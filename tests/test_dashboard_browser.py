@@ -72,9 +72,8 @@ def test_page_shows_every_worker_and_follows_the_source(browser: Chromium) -> No
         assert_matches(state, source.snapshot())
         assert state["banner"] is None
         assert state["status"] == "live"
-        assert state["fairnessSource"] == "page"
-        busiest = max(source.snapshot()["workers"], key=lambda w: w["accepts"])
-        assert str(busiest["pid"]) in state["fairness"]
+        assert state["fairnessSource"] == "analysis"  # the page computes no verdict of its own
+        assert state["fairness"] == source.snapshot()["analysis"]["verdict"]["sentence"]
         for row in state["rows"]:  # each bar is labelled with its pid
             assert str(row["pid"]) in row["text"]
 
@@ -117,8 +116,9 @@ def test_page_handles_one_to_many_workers(browser: Chromium, workers: int) -> No
         legend = page.evaluate(
             "[...document.querySelectorAll('[data-testid=rate-legend-item]')].map(e => e.textContent)"
         )
+        assert state["fairness"] == doc["analysis"]["verdict"]["sentence"]
         if workers == 1:
-            assert state["fairness"].startswith("Only one process accepts connections")
+            assert doc["analysis"]["verdict"]["pattern"] == "single-acceptor"
             assert len(legend) == 1
         else:
             assert len(legend) == 9 and legend[-1].startswith("others (")  # top 8 + others

@@ -11,7 +11,6 @@
   const SVGNS = 'http://www.w3.org/2000/svg';
   const TOP_N = 8; // rate chart: this many workers drawn, the rest summed as "others"
   const DENSE_ROWS = 16; // more workers than this: compact bar rows
-  const SKEW_RATIO = 1.25; // busiest share / fair share at or above which we call the spread uneven
   const STALE_MS = 3500; // no update for this long: say so
   const PALETTE = ['#2f6fdf', '#d9480f', '#2e9e5b', '#8e44ad', '#c99a06', '#0f9bb3', '#d6336c', '#5c6bc0'];
   const OTHERS_COLOR = '#b8bdc7';
@@ -93,49 +92,6 @@
     return 10 * p;
   }
 
-  // ---- fairness, computed here when the daemon's analysis has no verdict ----
-  // The fair share is 1/n over the processes competing for connections: live workers (exited ones
-  // no longer compete), falling back to every worker, then to every process, once none is alive.
-  function contenders(workers) {
-    // The rule of the terminal view (daemon/terminal.py competing()): masters and helpers never compete.
-    const ws = workers.filter((w) => w.role === 'worker' || w.accepts > 0);
-    const pool = ws.length ? ws : workers;
-    const alive = pool.filter((w) => w.alive);
-    return alive.length ? alive : pool;
-  }
-
-  function fairness(doc) {
-    const pool = contenders(doc.workers);
-    const n = pool.length;
-    const result = { n, ideal: n ? 1 / n : 0, top: null, ratio: null, jain: null, sentence: '', skewed: false };
-    const poolTotal = sum(pool.map((w) => w.accepts));
-    if (!n || poolTotal === 0) {
-      result.sentence = 'No connection accepted yet.';
-      return result;
-    }
-    const byShare = [...pool].sort((a, b) => b.share - a.share || a.pid - b.pid);
-    const top = byShare[0];
-    const low = byShare[byShare.length - 1];
-    result.top = top;
-    result.ratio = top.share * n;
-    // Jain's index: 1 when all equal, 1/n when one worker takes everything.
-    result.jain = poolTotal ** 2 / (n * sum(pool.map((w) => w.accepts ** 2)));
-    const few = doc.total_accepts < 20 * n ? ' (few connections so far)' : '';
-    if (n === 1) {
-      result.sentence = `Only one process accepts connections: ${top.pid} takes ${fmtPct(top.share)}.`;
-    } else if (result.ratio >= SKEW_RATIO) {
-      result.skewed = true;
-      result.sentence =
-        `Worker ${top.pid} takes ${fmtPct(top.share)} — ${result.ratio.toFixed(1)}× its fair share of ` +
-        `${fmtPct(result.ideal)} (${n} workers); the least busy, ${low.pid}, takes ${fmtPct(low.share)}${few}.`;
-    } else {
-      result.sentence =
-        `Evenly spread: the busiest worker, ${top.pid}, takes ${fmtPct(top.share)} against a fair share of ` +
-        `${fmtPct(result.ideal)} (${n} workers)${few}.`;
-    }
-    return result;
-  }
-
   // ---- sections ----
   function renderHeader(doc) {
     $('master-pid').textContent = String(doc.master_pid);
@@ -175,21 +131,25 @@
     node.classList.toggle('bad', Boolean(bad));
   }
 
-  // The daemon's analysis is the answer; the page's own figures are only a fallback for a document
-  // without one (a stream from before the first analysis).
-  function fromAnalysis(doc, fair) {
-    const a = doc.analysis || {};
-    const v = a.verdict;
-    const f = a.fairness;
-    if (!v || !f) return fair;
-    const fig = v.figures || {};
-    const top = doc.workers.find((w) => w.pid === fig.top_pid) || fair.top;
-    return Object.assign({}, fair, {
-      top,
-      ratio: typeof f.max_mean_ratio === 'number' ? f.max_mean_ratio : null,
-      jain: typeof f.jain === 'number' ? f.jain : null,
+  // Every verdict and figure is the daemon's analysis (daemon/analysis.py): the page renders it and
+  // computes none of its own, so it always says what the terminal, /metrics and `report` say.
+  function fromAnalysis(doc) {
+    const a = obj(doc.analysis);
+    const v = obj(a.verdict);
+    const f = obj(a.fairness);
+    const c = obj(a.competitors);
+    const fig = obj(v.figures);
+    const num = (x) => (typeof x === 'number' && Number.isFinite(x) ? x : null);
+    return {
+      ideal: num(c.fair_share),
+      top: doc.workers.find((w) => w.pid === fig.top_pid) || null,
+      ratio: num(f.max_mean_ratio),
+      jain: num(f.jain),
+      sentence: typeof v.sentence === 'string' ? v.sentence
+        : (typeof a.error === 'string' ? a.error : 'No analysis yet.'),
+      source: typeof v.sentence === 'string' ? 'analysis' : (typeof a.error === 'string' ? 'error' : 'none'),
       skewed: v.pattern === 'concentrated' || v.pattern === 'single-acceptor',
-    });
+    };
   }
 
   function renderTiles(doc, fair) {
@@ -198,10 +158,9 @@
     setBig('unattributed', doc.unattributed, doc.unattributed > 0);
     const alive = doc.workers.filter((w) => w.alive).length;
     $('workers-count').textContent = `${alive} / ${doc.workers.length}`;
-    const verdict = doc.analysis && doc.analysis.verdict && doc.analysis.verdict.sentence;
     const sentence = $('fairness');
-    sentence.textContent = verdict || fair.sentence;
-    sentence.dataset.source = verdict ? 'analysis' : 'page';
+    sentence.textContent = fair.sentence;
+    sentence.dataset.source = fair.source;
     sentence.classList.toggle('skewed', fair.skewed);
     $('fairness-figure').textContent = fair.ratio === null || fair.jain === null ? ''
       : `busiest ${fair.ratio.toFixed(1)}× fair share · Jain index ${fair.jain.toFixed(2)}`;
@@ -250,13 +209,14 @@
     }
     // Scale to the largest share (or the fair share, so its line stays on screen), not to 100 %:
     // with 64 workers every bar would otherwise be a sliver.
-    const full = Math.max(fair.ideal, ...workers.map((w) => w.share), 1e-9) * 1.08;
-    const idealLeft = `${(fair.ideal / full) * 100}%`;
+    const full = Math.max(fair.ideal || 0, ...workers.map((w) => w.share), 1e-9) * 1.08;
+    const idealLeft = `${((fair.ideal || 0) / full) * 100}%`;
     const rows = workers.map((w) => {
       const fill = el('div', { class: 'bar-fill' });
       fill.style.width = `${(w.share / full) * 100}%`;
-      const ideal = el('div', { class: 'bar-ideal', title: `fair share ${fmtPct(fair.ideal)}` });
+      const ideal = el('div', { class: 'bar-ideal', title: `fair share ${fmtPct(fair.ideal || 0)}` });
       ideal.style.left = idealLeft;
+      ideal.hidden = fair.ideal === null;
       const classes = ['bar-row'];
       if (!w.alive) classes.push('exited');
       if (fair.skewed && fair.top && fair.top.pid === w.pid) classes.push('busiest');
@@ -546,7 +506,7 @@
   function render(raw) {
     const doc = normalize(raw);
     lastDoc = doc;
-    const fair = fromAnalysis(doc, fairness(doc));
+    const fair = fromAnalysis(doc);
     const sections = [
       () => renderHeader(doc), () => renderLoss(doc), () => renderTiles(doc, fair), () => renderListeners(doc),
       () => renderBars(doc, fair), () => renderRate(doc), () => renderWait(doc), () => renderDepth(doc),
