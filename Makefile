@@ -8,7 +8,7 @@ setup:
 	@$(SETUP)
 
 demo: setup
-	@$(PY) -m accept_watch.daemon.demo $(DEMO_ARGS)
+	@$(PY) -m demo $(DEMO_ARGS)
 
 test: setup
 	@$(PY) -m ruff check .

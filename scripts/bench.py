@@ -608,7 +608,7 @@ WORKLOADS = [
         "name": "gunicorn-max",
         "server": "gunicorn",
         "rate": None,
-        "title": "gunicorn, 8 sync workers (daemon/demo_app.py, no sleep), wrk at full speed",
+        "title": "gunicorn, 8 sync workers (demo/app.py, no sleep), wrk at full speed",
     },
 ]
 

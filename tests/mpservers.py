@@ -39,8 +39,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from accept_watch.daemon.demo import current_syscall, log_tail, waiting_syscalls
-
+from demo.gunicorn import current_syscall, log_tail, waiting_syscalls
 from tests.servers import Record, RecordingServer, spawn_port_reporter
 
 MODES = ("accept", "epoll", "epoll-exclusive", "reuseport", "asyncio", "asyncio-blocking")

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
-from accept_watch.daemon.demo import current_syscall, log_tail, spawn_with_pdeathsig, waiting_syscalls
 
+from demo.gunicorn import current_syscall, log_tail, spawn_with_pdeathsig, waiting_syscalls
 from tests.groundtruth import LogRecord
 from tests.mpservers import session_members
 from tests.servers import spawn_port_reporter

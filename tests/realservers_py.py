@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
-from accept_watch.daemon.demo import GunicornProcess, log_tail
 
+from demo.gunicorn import GunicornProcess, log_tail
 from tests.groundtruth import LogRecord
 from tests.realservers import (
     LoggedWorkers,

@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accept_watch.daemon.demo import (
+from demo.gunicorn import (
     GunicornProcess,
     accept_syscalls,
     current_syscall,
     log_tail,
     spawn_with_pdeathsig,
 )
-from accept_watch.daemon.loadgen import RequestOutcome, request_once, resolve_loopback
+from demo.loadgen import RequestOutcome, request_once, resolve_loopback
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIDAPP_WSGI = "tests.apps.pidapp:app"

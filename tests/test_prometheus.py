@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from accept_watch.daemon import discovery
-from accept_watch.daemon.loadgen import LoadGenerator
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo.loadgen import LoadGenerator
 from tests import servers
 from tests.watcher import free_port, start_watch
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from accept_watch.daemon import demo
-from accept_watch.daemon.loadgen import LoadGenerator, resolve_loopback
 
+from demo import gunicorn as launcher
+from demo import run as demo
+from demo.loadgen import LoadGenerator, resolve_loopback
 from tests import servers
 
 
@@ -94,7 +95,7 @@ def test_single_accept_server_holds_connections_in_the_queue() -> None:
 
 def test_blocked_acceptor_is_in_accept_before_any_client() -> None:
     with servers.start_blocked_acceptor() as srv:
-        assert demo.current_syscall(srv.pid) in demo.accept_syscalls()
+        assert launcher.current_syscall(srv.pid) in launcher.accept_syscalls()
         assert srv.ground_truth() == {}
         result = servers.run_clients(srv.port, 1, concurrency=1)
         assert result.ok == 1, result.errors

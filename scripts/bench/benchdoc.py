@@ -465,7 +465,7 @@ def _method(add: Any, results: dict[str, Any]) -> None:
     add(
         "- Servers: Debian's nginx with 2 workers, `accept_mutex off`, `return 200` (own config in a "
         "temporary directory: `scripts/bench/nginx.conf.in`); gunicorn with 8 sync workers serving "
-        "`daemon/demo_app.py` with no sleep."
+        "`demo/app.py` with no sleep."
     )
     add(
         f"- Modes, in every round, in an order rotated from round to round: {', '.join(s['modes'])}. "

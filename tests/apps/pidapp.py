@@ -12,11 +12,11 @@ on disk. Optional $PIDAPP_SLEEP_MS delays each request (to build up accept queue
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+
+from demo.app import Scope, asgi, sleep_s_from_env, wsgi
 
 RECORD_DIR_ENV = "PIDAPP_RECORD_DIR"
 SLEEP_MS_ENV = "PIDAPP_SLEEP_MS"
@@ -31,20 +31,9 @@ def _record_dir() -> str:
     return path
 
 
-def _sleep_s() -> float:
-    raw = os.environ.get(SLEEP_MS_ENV, "0") or "0"
-    try:
-        ms = float(raw)
-    except ValueError:
-        raise RuntimeError(f"{SLEEP_MS_ENV}={raw!r} is not a number") from None
-    if ms < 0:
-        raise RuntimeError(f"{SLEEP_MS_ENV}={raw!r} is negative")
-    return ms / 1000.0
-
-
 # Checked at import so that a misconfigured worker fails to boot instead of answering 500s.
 RECORD_DIR = _record_dir()
-SLEEP_S = _sleep_s()
+SLEEP_S = sleep_s_from_env(SLEEP_MS_ENV, "0")
 
 # (pid, fd): the pid guards against a descriptor inherited across fork (gunicorn --preload).
 _fd: tuple[int, int] | None = None
@@ -60,50 +49,18 @@ def record(peer_port: int) -> None:
     os.write(_fd[1], f"{pid} {time.monotonic_ns()} {peer_port}\n".encode())
 
 
-def _body() -> bytes:
-    return f"{os.getpid()}\n".encode()
-
-
-def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """WSGI entry point."""
+def _record_wsgi(environ: dict[str, Any]) -> None:
     # gunicorn always sets REMOTE_PORT for TCP peers; a KeyError here means a broken setup, loudly.
     record(int(environ["REMOTE_PORT"]))
-    if SLEEP_S:
-        time.sleep(SLEEP_S)
-    body = _body()
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-    return [body]
 
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-async def asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """ASGI entry point (uvicorn)."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
-        raise RuntimeError(f"pid app serves HTTP only, not {scope['type']!r}")
+def _record_asgi(scope: Scope) -> None:
     client = scope.get("client")
     if not client:
         raise RuntimeError("ASGI scope has no client address: cannot record the peer port")
     record(int(client[1]))
-    if SLEEP_S:
-        await asyncio.sleep(SLEEP_S)
-    body = _body()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+
+
+# The demo's app (demo/app.py) with the record written before the response.
+app = wsgi(SLEEP_S, _record_wsgi)
+asgi_app = asgi(SLEEP_S, _record_asgi)
