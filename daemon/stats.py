@@ -20,11 +20,10 @@ from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+from accept_watch import __version__
 from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
 from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot
-
-from accept_watch import __version__
 
 from . import discovery
 from .clock import ClockMap, iso_utc

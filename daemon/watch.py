@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import psutil
+
 from accept_watch.probes import environment
 from accept_watch.probes.records import KernelSnapshot, ProbeKind
 

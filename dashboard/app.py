@@ -17,17 +17,18 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import anyio
+from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
 from accept_watch.daemon.document import Document, StreamedDocument
 from accept_watch.dashboard.guard import RequestGuard, check_token, normalise_hosts
 from accept_watch.dashboard.limits import ConnectionLimits
 from accept_watch.dashboard.metrics import make_registry
 from accept_watch.dashboard.schema import ErrorDetail, Health
 from accept_watch.dashboard.source import DashboardSource
-from fastapi import FastAPI, HTTPException, Path, Query, Request
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 EVENTS_DEFAULT = 100
 EVENTS_MAX = 1000

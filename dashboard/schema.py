@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from accept_watch.daemon.document import SCHEMA_ID, Document, StreamedDocument
 from pydantic import BaseModel
+
+from accept_watch.daemon.document import SCHEMA_ID, Document, StreamedDocument
 
 Snapshot = Document
 StreamedSnapshot = StreamedDocument

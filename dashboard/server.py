@@ -10,6 +10,7 @@ import time
 from urllib.parse import quote
 
 import uvicorn
+
 from accept_watch.dashboard.app import create_app
 from accept_watch.dashboard.guard import ANY_HOST, check_token
 from accept_watch.dashboard.limits import ConnectionLimits, guarded_protocol

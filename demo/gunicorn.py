@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
+
 from accept_watch.daemon import waitmode
 
 WORKER_CLASSES: dict[str, str] = {

@@ -9,6 +9,7 @@ import random
 from collections import Counter
 
 import pytest
+
 from accept_watch.daemon import analysis
 from accept_watch.daemon.analysis import (
     analyze,

@@ -5,6 +5,7 @@ fexit-blocked path (a server blocked in accept() before attach)."""
 from __future__ import annotations
 
 import pytest
+
 from accept_watch.daemon import backstop
 from accept_watch.daemon.backstop import Backstop, left_accept, threads_in_accept
 from accept_watch.daemon.waitmode import SyscallState, syscall_table

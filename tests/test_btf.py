@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from accept_watch.probes import btf as B
 from accept_watch.probes.btf import Btf, BtfError
 from accept_watch.probes.offsets import (

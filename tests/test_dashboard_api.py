@@ -13,14 +13,15 @@ from datetime import datetime
 import httpx
 import pytest
 import schemathesis
-from accept_watch.daemon.document import Document as Snapshot
-from accept_watch.dashboard import DashboardError, DashboardServer, create_app
-from accept_watch.dashboard.demo import SyntheticSource
-from accept_watch.dashboard.metrics import LE_BOUNDS_NS, server_name
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
+
+from accept_watch.daemon.document import Document as Snapshot
+from accept_watch.dashboard import DashboardError, DashboardServer, create_app
+from accept_watch.dashboard.demo import SyntheticSource
+from accept_watch.dashboard.metrics import LE_BOUNDS_NS, server_name
 
 HOST = "testserver"  # the Host header TestClient (and schemathesis' ASGI client) send
 TOKEN = "s3cret-Token_value"

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser import Chromium, Page, chromium_available, screenshot
+
 from accept_watch.dashboard import DashboardServer
 from accept_watch.dashboard.demo import SyntheticSource
-from browser import Chromium, Page, chromium_available, screenshot
 
 pytestmark = pytest.mark.browser
 

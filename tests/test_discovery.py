@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 
 import psutil
 import pytest
+
 from accept_watch.daemon import discovery
 from accept_watch.daemon.discovery import DiscoveryError
 

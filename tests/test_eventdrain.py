@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from accept_watch.daemon import eventdrain
 from accept_watch.daemon.eventdrain import EventDrainer
 from accept_watch.daemon.export import EventWriter, ExportError

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+
 from accept_watch.probes.eventring import (
     BUSY_BIT,
     DISCARD_BIT,

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from accept_watch.daemon.clock import ClockMap, iso_utc
 from accept_watch.daemon.eventlog import NdjsonEncoder
 from accept_watch.daemon.export import (

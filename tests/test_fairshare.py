@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from accept_watch.daemon.analysis import classify
 from accept_watch.daemon.fairshare import PortShares, ShareTracker, self_baseline
 

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from accept_watch.daemon import terminal
 from accept_watch.daemon.analysis import min_accepts
-
 from tests import servers
 from tests.mpservers import MPServer, start_mp_server, transitions_of
 from tests.watcher import run_cli, start_watch

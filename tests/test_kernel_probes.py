@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from accept_watch.probes.records import PROBE_ORDER, ProbeKind
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("kernel_ok")]
@@ -88,7 +89,6 @@ def test_program_uses_btf_offsets_not_headers(layout) -> None:
 
 def test_doctor_reports_what_auto_would_use(layout) -> None:
     from accept_watch.probes.kernel import AcceptProbes
-
     from tests.watcher import run_cli
 
     with AcceptProbes(layout) as probes:

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from accept_watch.daemon.discovery import ListenDepths
 from accept_watch.dashboard.metrics import (
     EXITED,
@@ -21,9 +24,6 @@ from accept_watch.dashboard.metrics import (
 from accept_watch.dashboard.metrics_losses import LOSS_METRICS
 from accept_watch.probes.histogram import bucket_index
 from accept_watch.probes.records import Counter, ListenerCounters
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.test_stats import INODE, PORT, START, S, make, snap, topo, wc
 
 DOC = json.loads((Path(__file__).parent / "data" / "metrics_doc.json").read_text())

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from accept_watch.daemon import discovery
 from prometheus_client.parser import text_string_to_metric_families
 
+from accept_watch.daemon import discovery
 from demo.loadgen import LoadGenerator
 from tests import servers
 from tests.watcher import free_port, start_watch

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from accept_watch.daemon import analysis, cli, report, report_html
 from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
 from accept_watch.daemon.stats import Aggregator

@@ -17,9 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from accept_watch.daemon.report import run_report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from accept_watch.daemon.report import run_report
 
 REAL_EXPORT = json.loads((Path(__file__).parent / "data" / "real_export.json").read_text())
 

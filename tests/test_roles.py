@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+
 from accept_watch.daemon import discovery, waitmode
 from accept_watch.daemon.roles import assign_roles
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
 from accept_watch.daemon import terminal
 from accept_watch.daemon.analysis import analyze
 from accept_watch.daemon.report import summary
@@ -24,7 +26,6 @@ from accept_watch.daemon.sanitize import clean
 from accept_watch.dashboard.app import create_app
 from accept_watch.dashboard.limits import MAX_STREAMS, MAX_STREAMS_PER_CLIENT, ConnectionLimits
 from accept_watch.dashboard.server import DashboardServer
-from fastapi.testclient import TestClient
 
 REAL = json.loads((Path(__file__).parent / "data" / "real_export.json").read_text())
 PAYLOAD = "\x1b]0;pwned\x07\x1b[2J"

@@ -16,9 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from accept_watch.daemon.export import EventWriter, ExportError, check_writable, write_json_atomic
 from accept_watch.daemon.safefile import check_output
-
 from tests.watcher import ACCEPT_WATCH, run_cli
 
 REAL_EXPORT = Path(__file__).parent / "data" / "real_export.json"

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+
 from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
 from accept_watch.daemon.document import Document as Snapshot
 from accept_watch.daemon.stats import Aggregator
 from accept_watch.probes.records import Counter, KernelSnapshot, ListenerCounters, WorkerCounters
-
 from tests.test_report import simulate
 
 REAL_EXPORT = Path(__file__).parent / "data" / "real_export.json"

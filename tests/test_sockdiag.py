@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+
 from accept_watch.daemon import discovery, sockdiag
 
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterable, Mapping
 
 import pytest
+
 from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
 from accept_watch.daemon.stats import Aggregator
 from accept_watch.probes.histogram import bucket_bounds, bucket_index

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import pytest
+
 from accept_watch.daemon import terminal
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

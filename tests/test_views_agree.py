@@ -13,13 +13,14 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from browser import Chromium, chromium_available
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
 from accept_watch.daemon import report, terminal
 from accept_watch.daemon.report_html import render_html
 from accept_watch.dashboard import DashboardServer, create_app
 from accept_watch.dashboard.demo import SyntheticSource
-from browser import Chromium, chromium_available
-from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def _flat(text: str) -> str:

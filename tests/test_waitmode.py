@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+
 from accept_watch.daemon.waitmode import (
     EPOLLEXCLUSIVE,
     detect_wait_mode,
