@@ -33,14 +33,9 @@ from .export import event_to_dict
 from .fairshare import ShareTracker
 from .generations import Masters
 from .listenerstate import ListenerTable
+from .rates import RATE_WINDOWS_S, RateTracker
 
 _NS = 1_000_000_000
-RATE_WINDOWS_S = (1, 10, 60)
-HISTORY_S = 300  # rate_history span
-# One rate_history entry per ~second. Timers jitter, so a bin closes once 0.9 s have passed since it
-# opened: with a 1 s update cadence every update closes exactly one bin.
-BIN_CLOSE_S = 0.9
-MAX_RATE_SAMPLES = 10_000  # safety cap on rate-window samples if updates come very fast
 
 
 @dataclass(slots=True)
@@ -150,11 +145,7 @@ class Aggregator:
         self._diag: dict[Counter, int] = {}
         self._last_ns: int | None = None  # taken_ns of the latest snapshot
         self._ended_ns: int | None = None
-        # (taken_ns, {pid: accepts since the previous sample}) for the rate windows
-        self._samples: deque[tuple[int, dict[int, int]]] = deque(maxlen=MAX_RATE_SAMPLES)
-        self._bin_start = self.clock.start_mono
-        self._bin: dict[int, int] = {}
-        self._rate_history: deque[list[Any]] = deque(maxlen=int(HISTORY_S / BIN_CLOSE_S) + 2)
+        self._rates = RateTracker(self.clock.start_mono, self.clock.rel_s)
         # dicts (add_event) or raw ring records (add_event_block), newest last
         self._events: deque[dict[str, Any] | bytes] = deque(maxlen=max_events)
         self._roles: dict[int, str] = {}
@@ -236,9 +227,7 @@ class Aggregator:
                 return cached[1]
             if ended and self._ended_ns is None:
                 self._ended_ns = self.clock.mono_clock()
-                # The final read rarely lands on a bin boundary: keep its accepts in the history.
-                if self._last_ns is not None and self._last_ns > self._bin_start:
-                    self._close_bin(self._last_ns)
+                self._rates.close_last(self._last_ns)
             doc = Document.model_validate(self._build())
             self._cached = (generation, doc)
         return doc
@@ -389,23 +378,7 @@ class Aggregator:
                 deltas[pid] = own - w.prev_accepts
             w.prev_accepts = own
 
-        self._samples.append((now, deltas))
-        horizon = now - (max(RATE_WINDOWS_S) + 1) * _NS
-        while len(self._samples) > 1 and self._samples[1][0] < horizon:
-            self._samples.popleft()
-
-        for pid, d in deltas.items():
-            self._bin[pid] = self._bin.get(pid, 0) + d
-        if now - self._bin_start >= BIN_CLOSE_S * _NS:
-            self._close_bin(now)
-
-    def _close_bin(self, now: int) -> None:
-        t = round(self.clock.rel_s(now), 3)
-        self._rate_history.append([t, {str(p): c for p, c in sorted(self._bin.items())}])
-        self._bin = {}
-        self._bin_start = now
-        while self._rate_history and self._rate_history[0][0] <= t - HISTORY_S:
-            self._rate_history.popleft()
+        self._rates.add(now, deltas)
 
     def _evict(self) -> None:
         exited = [w for w in self._workers.values() if not w.alive]
@@ -414,27 +387,6 @@ class Aggregator:
             for w in exited[: len(exited) - self._max_exited]:
                 self._retire(w)
         self._listeners.evict()
-
-    def _rates(self) -> dict[int, dict[str, float]]:
-        """accepts/s per pid over each window ending at the latest snapshot."""
-        out: dict[int, dict[str, float]] = {}
-        if self._last_ns is None:
-            return out
-        now = self._last_ns
-        times = [self.clock.start_mono] + [t for t, _ in self._samples if t < now]
-        for win in RATE_WINDOWS_S:
-            target = now - win * _NS
-            # The sample nearest the window's start, so timer jitter does not stretch a 1 s window to 2 s.
-            ref = min(times, key=lambda t: (abs(t - target), -t))
-            dt = (now - ref) / _NS
-            sums: dict[int, int] = {}
-            for t, deltas in self._samples:
-                if t > ref:
-                    for pid, d in deltas.items():
-                        sums[pid] = sums.get(pid, 0) + d
-            for pid, s in sums.items():
-                out.setdefault(pid, {})[f"{win}s"] = round(s / dt, 3) if dt > 0 else 0.0
-        return out
 
     @staticmethod
     def _inflight_doc(w: _Worker) -> dict[str, Any]:
@@ -506,7 +458,7 @@ class Aggregator:
 
     def _build(self) -> dict[str, Any]:
         total = sum(w.accepts for w in self._workers.values()) + self._evicted_accepts
-        rates = self._rates()
+        rates = self._rates.rates(self._last_ns)
         workers = [self._worker_doc(w, total, rates.get(pid, {})) for pid, w in sorted(self._workers.items())]
         listeners = self._listeners.to_doc()
         transitions, omitted = self._transitions_doc()
@@ -541,7 +493,7 @@ class Aggregator:
             },
             "listeners": listeners,
             "workers": workers,
-            "rate_history": [[t, dict(c)] for t, c in self._rate_history],
+            "rate_history": self._rates.history(),
             "transitions": transitions,
             "fair_share": self._shares.to_doc(self.clock.rel_s),
             "masters": self._masters.to_doc(),

@@ -432,7 +432,7 @@ def test_memory_stays_bounded_over_a_long_run() -> None:
     doc = agg.document()
     assert len(doc["rate_history"]) <= 301
     assert len(doc["listeners"][0]["depth_history"]) == 300
-    assert len(agg._samples) <= 63  # rate-window samples: about 60 s worth
+    assert len(agg._rates.samples) <= 63  # rate-window samples: about 60 s worth
 
 
 def test_document_while_updating_from_another_thread() -> None:
