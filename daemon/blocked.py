@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from .waitmode import WAITING_SYSCALL_NAMES, SyscallState, read_task_states, syscall_table
+from .procwait import WAITING_SYSCALL_NAMES, SyscallState, read_task_states, syscall_table
 
 LOOK_GAP_S = 0.05
 

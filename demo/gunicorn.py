@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from accept_watch.daemon import waitmode
+from accept_watch.daemon import procwait
 
 WORKER_CLASSES: dict[str, str] = {
     "sync": "sync",
@@ -44,7 +44,7 @@ def current_syscall(pid: int) -> int | None:
     """The syscall number `pid` is blocked in (from /proc/PID/syscall), None if running or unknown."""
     try:
         with open(f"/proc/{pid}/syscall") as f:
-            state = waitmode.parse_syscall(f.read())
+            state = procwait.parse_syscall(f.read())
     except (OSError, ValueError):
         return None
     return state.nr if state.nr is not None and state.nr >= 0 else None
@@ -53,16 +53,16 @@ def current_syscall(pid: int) -> int | None:
 def waiting_syscalls() -> dict[int, str]:
     """Syscalls an idle worker sits in when it is ready for connections: the sync worker select()s on
     the listener, the uvicorn worker epoll_wait()s, a plain blocking server is in accept()/accept4()."""
-    return {nr: name for nr, name in _table().items() if name in waitmode.WAITING_SYSCALL_NAMES}
+    return {nr: name for nr, name in _table().items() if name in procwait.WAITING_SYSCALL_NAMES}
 
 
 def accept_syscalls() -> frozenset[int]:
-    return frozenset(nr for nr, name in _table().items() if name in waitmode.ACCEPT_SYSCALL_NAMES)
+    return frozenset(nr for nr, name in _table().items() if name in procwait.ACCEPT_SYSCALL_NAMES)
 
 
 def _table() -> dict[int, str]:
     try:
-        return waitmode.syscall_table()
+        return procwait.syscall_table()
     except NotImplementedError as exc:
         raise RuntimeError(str(exc)) from None
 
