@@ -1,7 +1,8 @@
 """Every kernel struct field the BPF program reads, resolved from the running kernel's BTF.
 
-The BPF C never hard-codes a struct layout: it reads fields at OFF_<NAME> with SIZE_<NAME>, both
-generated from this table, so a new kernel layout is picked up without recompiling anything by hand.
+The BPF C never hard-codes a struct layout: it reads fields at OFF_<NAME>, generated from this table
+(each field's size is checked against what the C reads, EXPECTED), so a new kernel layout is picked
+up without recompiling anything by hand.
 Resolution costs ~0.1-0.2 s of BTF parsing, so the result is cached per kernel build (load_layout).
 """
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BTF_PATH = "/sys/kernel/btf/vmlinux"
 
-# NAME -> (struct, dotted member path). OFF_NAME / SIZE_NAME in the generated C.
+# NAME -> (struct, dotted member path). OFF_NAME in the generated C.
 REQUIRED: dict[str, tuple[str, str]] = {
     "TASK_FILES": ("task_struct", "files"),
     "FILES_FDT": ("files_struct", "fdt"),
@@ -39,7 +40,6 @@ REQUIRED: dict[str, tuple[str, str]] = {
     "SOCKET_ALLOC_INO": ("socket_alloc", "vfs_inode.i_ino"),
     "SK_SOCKET": ("sock", "sk_socket"),
     "SK_FAMILY": ("sock", "__sk_common.skc_family"),
-    "SK_NUM": ("sock", "__sk_common.skc_num"),
     "SK_STATE": ("sock", "__sk_common.skc_state"),
     # The local port as inet_sock keeps it (network order): skc_num is zeroed when a closing socket
     # gives its port back, before the CLOSE transition's tracepoint fires.
@@ -80,7 +80,6 @@ EXPECTED: dict[str, FieldExpectation] = {
     "SOCKET_ALLOC_INO": FieldExpectation(8, False),
     "SK_SOCKET": _PTR,
     "SK_FAMILY": FieldExpectation(2, False),
-    "SK_NUM": FieldExpectation(2, False),
     "SK_STATE": FieldExpectation(1, False),
     "INET_SPORT": FieldExpectation(2, False),
     "SK_PROTOCOL": FieldExpectation(2, False),
@@ -133,7 +132,7 @@ _HEAD_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class KernelLayout:
-    defines: dict[str, int]  # OFF_<NAME> and SIZE_<NAME> for every REQUIRED entry
+    defines: dict[str, int]  # OFF_<NAME> for every REQUIRED entry
     accept_proto: AcceptProto
     accept_proto_text: str  # e.g. "inet_csk_accept(struct sock *sk, struct proto_accept_arg *arg) [6.10+]"
     # Offset of the first syscall argument in struct pt_regs, -1 when the listening fd cannot be read
@@ -146,7 +145,7 @@ class KernelLayout:
     cache_status: str = field(default="", compare=False)  # hit | miss | stale | corrupt | unwritable
 
     def define_values(self) -> dict[str, int]:
-        """The kernel-dependent #defines of the BPF C: OFF_/SIZE_ of every REQUIRED field,
+        """The kernel-dependent #defines of the BPF C: OFF_ of every REQUIRED field,
         ACCEPT_PROTO_SK_ARG (the fexit signature), LISTENER_FROM_REGS and OFF_PT_REGS_ARG1."""
         out = dict(sorted(self.defines.items()))
         out["ACCEPT_PROTO_SK_ARG"] = int(self.accept_proto is AcceptProto.SK_ARG)
@@ -176,7 +175,7 @@ class KernelLayout:
         defines = doc.get("defines")
         if not isinstance(defines, dict):
             raise ValueError("'defines' is not an object")
-        want = {f"{p}_{n}" for n in REQUIRED for p in ("OFF", "SIZE")}
+        want = {f"OFF_{n}" for n in REQUIRED}
         if set(defines) != want:
             raise ValueError(f"'defines' keys differ from the required set ({len(defines)} vs {len(want)})")
         if not all(type(v) is int and v >= 0 for v in defines.values()):
@@ -214,7 +213,6 @@ def resolve_offsets(btf: Btf) -> KernelLayout:
             want = "a pointer" if exp.pointer else "not a pointer"
             raise BtfError(f"{where} has type {m.type_name}; the BPF code expects {want}")
         defines[f"OFF_{name}"] = m.offset_bytes
-        defines[f"SIZE_{name}"] = m.size_bytes
     if btf.member("socket_alloc", "socket").offset_bytes != 0:
         raise BtfError("socket_alloc.socket is not at offset 0; the BPF code reads a socket's inode from it")
     proto, desc = accept_prototype(btf)
