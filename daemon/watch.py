@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -32,6 +32,11 @@ from .published import PublishedDocument
 from .roles import assign_roles
 from .sanitize import clean
 from .stats import Aggregator
+
+if TYPE_CHECKING:  # imported at run time only where used: they pull in bcc and the web stack
+    from accept_watch.dashboard.server import DashboardServer
+    from accept_watch.probes.kernel import AcceptProbes
+    from accept_watch.probes.offsets import KernelLayout
 
 EXPORT_EVERY_S = 5.0
 # A full re-scan (psutil walks every process of the machine for the tree, then the fd tables) every
@@ -141,10 +146,11 @@ def _run(args: argparse.Namespace) -> int:
             dashboard.close()
 
 
-def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, probe: ProbeKind | None,
+def _attach_and_watch(args: argparse.Namespace, layout: KernelLayout, want_events: bool,
+                      probe: ProbeKind | None,
                       topology: discovery.Topology, aggregator: Aggregator, wait_modes: WaitModes,
                       ports: list[int], stop: threading.Event, published: PublishedDocument,
-                      dashboard: Any = None) -> int:
+                      dashboard: DashboardServer | None = None) -> int:
     from accept_watch.probes.kernel import AcceptProbes
 
     with AcceptProbes(layout, emit_events=want_events, inflight=not args.no_inflight) as probes:
@@ -168,9 +174,9 @@ def _attach_and_watch(args: argparse.Namespace, layout: Any, want_events: bool, 
         return _loop(args, probes, topology, aggregator, wait_modes, stop, backstop, published, dashboard)
 
 
-def _loop(args: argparse.Namespace, probes: Any, topology: discovery.Topology, aggregator: Aggregator,
-          wait_modes: WaitModes, stop: threading.Event, backstop: Backstop, published: PublishedDocument,
-          bound: Any = None) -> int:
+def _loop(args: argparse.Namespace, probes: AcceptProbes, topology: discovery.Topology,
+          aggregator: Aggregator, wait_modes: WaitModes, stop: threading.Event, backstop: Backstop,
+          published: PublishedDocument, bound: DashboardServer | None = None) -> int:
     from accept_watch.probes.kernel import ProbeError
 
     def publish(ended: bool = False) -> dict[str, Any]:
@@ -386,7 +392,7 @@ class BlockedSampler:
             aggregator.note_blocked({pid: holding[pid] for pid in found})
 
 
-def _refresh(probes: Any, topology: discovery.Topology, only: set[int] | None) -> discovery.Topology:
+def _refresh(probes: AcceptProbes, topology: discovery.Topology, only: set[int] | None) -> discovery.Topology:
     """Pick up respawned workers and new listeners. The kernel already follows forks; this catches
     processes adopted in other ways and keeps names and liveness for the views."""
     watch_new_ports = only is None
@@ -403,7 +409,7 @@ def _refresh(probes: Any, topology: discovery.Topology, only: set[int] | None) -
     return fresh
 
 
-def _bind_dashboard(args: argparse.Namespace, published: PublishedDocument) -> Any:
+def _bind_dashboard(args: argparse.Namespace, published: PublishedDocument) -> DashboardServer:
     from accept_watch.dashboard.server import DashboardError, DashboardServer
 
     host, port = args.listen
@@ -415,7 +421,7 @@ def _bind_dashboard(args: argparse.Namespace, published: PublishedDocument) -> A
     return server
 
 
-def _start_dashboard(server: Any) -> Any:
+def _start_dashboard(server: DashboardServer) -> DashboardServer:
     from accept_watch.dashboard.server import DashboardError
 
     try:
