@@ -394,7 +394,6 @@ def analyze(doc: Document | Mapping[str, Any], wait_modes: Mapping[Any, Any] | N
     summary = _Counter(worker_modes.values())
     pids_now = competing_pids(workers)
     return {
-        "competitors": {"pids": pids_now, "fair_share": 1 / len(pids_now) if pids_now else None},
         "fairness": fair,
         "per_port": per_port,
         "verdict": overall,
@@ -404,6 +403,7 @@ def analyze(doc: Document | Mapping[str, Any], wait_modes: Mapping[Any, Any] | N
             "dominant": dominant_wait_mode(worker_modes, worker_modes) if worker_modes else None,
         },
         "flags": flags,
+        "competitors": {"pids": pids_now, "fair_share": 1 / len(pids_now) if pids_now else None},
     }
 
 

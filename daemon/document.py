@@ -204,6 +204,8 @@ class Verdict(_Open):
                                  "single-acceptor, not enough data")
     confidence: Text | None = Field(None, description="high, medium, low")
     sentence: Text | None = None
+    cause: Text | None = Field(None, description="the mechanism named (daemon/explain.py), or 'unknown'")
+    evidence: Text | None = Field(None, description="what the cause rests on")
     figures: dict[str, Any] = Field(default_factory=dict)
     port: Int | None = None
 
@@ -280,8 +282,19 @@ class StreamedSnapshot(_Open):
         """A copy with this analysis section (validated)."""
         section = analysis if isinstance(analysis, Analysis) else Analysis.model_validate(analysis)
         out = self.model_copy(update={"analysis": section})
-        out._dict = None
+        # The rest is unchanged: its JSON form is reused (the key keeps its place), not dumped again.
+        out._dict = None if self._dict is None else {
+            **self._dict, "analysis": section.model_dump(mode="json", by_alias=True, exclude_unset=True)}
         return out
+
+    @classmethod
+    def of_json_dict(cls, raw: dict[str, Any]) -> Self:
+        """Validate a dict that is already the document's JSON form (the aggregator's build): the model,
+        with `raw` kept as its to_dict() rather than dumped again (for a large server the dump costs
+        as much as the build). Raises pydantic's ValidationError: a bad build is a bug, not input."""
+        doc = cls.model_validate(raw)
+        doc._dict = raw
+        return doc
 
 
 class Snapshot(StreamedSnapshot):

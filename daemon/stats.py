@@ -228,7 +228,7 @@ class Aggregator:
             if ended and self._ended_ns is None:
                 self._ended_ns = self.clock.mono_clock()
                 self._rates.close_last(self._last_ns)
-            doc = Document.model_validate(self._build())
+            doc = Document.of_json_dict(self._build())
             self._cached = (generation, doc)
         return doc
 
@@ -494,8 +494,8 @@ class Aggregator:
             "listeners": listeners,
             "workers": workers,
             "rate_history": self._rates.history(),
-            "transitions": transitions,
             "fair_share": self._shares.to_doc(self.clock.rel_s),
             "masters": self._masters.to_doc(),
             "analysis": {},
+            "transitions": transitions,  # last, as in the model (the streamed document leaves it out)
         }

@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 @runtime_checkable
 class DashboardSource(Protocol):
     def snapshot(self) -> dict:
-        """The full accept-watch/1 document (see dashboard/schema.py), freshly built."""
+        """The full accept-watch/1 document as its JSON dict (daemon/document.py); treat it as read-only."""
         ...
 
     def recent_events(self, limit: int) -> list[dict]:

@@ -75,3 +75,22 @@ def test_a_worker_may_carry_container_fields() -> None:
     out = Snapshot.from_dict(raw).to_dict()["workers"][0]
     assert out["nspid"] == 7 and out["container"]["id"] == "abc" and out["later"] == [1]
 
+
+
+@pytest.mark.parametrize("pattern", ["fifo", "idle"])
+def test_the_aggregators_dict_is_the_models_dump(pattern: str) -> None:
+    """Aggregator.model() keeps its build as the document's dict form, and analyzed() reuses it: both
+    must be exactly what dumping the model gives."""
+    from accept_watch.daemon import analysis
+    from accept_watch.daemon.document import Document
+
+    doc = simulate(pattern=pattern, seconds=8)
+    model = Document.from_dict(doc)
+    fresh = Document.of_json_dict(json.loads(json.dumps(doc)))
+    dump = fresh.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    assert fresh.to_dict() == dump == model.to_dict()
+    assert json.dumps(fresh.to_dict()) == json.dumps(dump)  # same keys in the same order, same types
+    done = analysis.analyzed(fresh)
+    assert done.to_dict() == done.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    assert json.dumps(done.to_dict()) == json.dumps(done.model_dump(mode="json", by_alias=True,
+                                                                    exclude_unset=True))
