@@ -74,8 +74,22 @@ class InFlight(_Open):
     life_ms: Lifetime = Field(description="accept -> close, in milliseconds")
 
 
+class Container(_Open):
+    """The container a process runs in, from its cgroup (daemon/procident.py)."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{12,64}$", description="the container id its runtime gave it")
+    runtime: Literal["podman", "docker", "containerd", "cri-o", "kubernetes"] = Field(
+        description="who named the cgroup ('kubernetes': a kubelet's cgroupfs pod path, runtime unnamed)")
+    cgroup: str = Field(max_length=256, description="the cgroup path (sanitized: [A-Za-z0-9_.:@=+,/-], "
+                        "other characters as '?'; a longer path keeps its tail after '...')")
+    pod: str | None = Field(default=None, description="the Kubernetes pod uid, when the path names one")
+
+
 class Worker(_Open):
-    pid: int
+    pid: int = Field(description="the host's pid (accept-watch's pid namespace)")
+    nspid: int | None = Field(default=None, description="its pid inside its own pid namespace (a "
+                              "container's), from NSpid; absent when the same as pid")
+    container: Container | None = Field(default=None, description="absent when not in a container")
     ppid: int | None
     cmdline: str
     role: Literal["worker", "master", "helper"] = Field(
