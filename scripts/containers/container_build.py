@@ -6,7 +6,7 @@
   localhost/accept-watch-testserver:<hash>  debootstrapped bookworm + Debian's python3-gunicorn: the
                                        server-in-a-container of the tests
 
-Roots are keyed by the hash of their recipe (suite, package list, pip requirements, this file), so a
+Roots are keyed by the hash of their recipe (suite, packages, pip requirements, ROOT_RECIPE_VERSION), so a
 re-run only rebuilds the wheel layer. podman's storage lives under ~/.cache/accept-watch/containers
 (storage.conf written there; CONTAINERS_CONF is this folder's containers.conf), so nothing in /etc is
 changed. Run as root. Exit 3: a package could not be fetched (mirror or PyPI unreachable).
@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-import recipe  # noqa: E402
+import container_recipe as recipe  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "accept-watch" / "containers"
 MIRROR = os.environ.get("AW_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -72,10 +72,13 @@ def runtime_requirements() -> list[str]:
     return [d for d in deps if not d.startswith("psutil")]
 
 
+# Bump when the way a root is built changes (debootstrap options, _slim, _venv): the cache key.
+ROOT_RECIPE_VERSION = 1
+
+
 def _key(*parts: object) -> str:
-    h = hashlib.sha256(json.dumps([recipe.SUITE, MIRROR, *parts], default=list).encode())
-    h.update((HERE / "build.py").read_bytes())
-    return h.hexdigest()[:16]
+    blob = json.dumps([ROOT_RECIPE_VERSION, recipe.SUITE, MIRROR, *parts], default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def base_tag() -> str:
@@ -130,7 +133,17 @@ def _import(root: Path, tag: str, changes: list[str]) -> None:
         raise RuntimeError(f"podman import of {tag} failed (tar {tar.returncode}, podman {proc.returncode})")
 
 
+def _drop_stale(tag: str) -> None:
+    """Remove the repository's other tags (roots of older recipes): the cache stays one root each."""
+    repo = tag.rsplit(":", 1)[0]
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", repo, capture_output=True, check=False)
+    stale = [t for t in listed.stdout.split() if t != tag and t.startswith(repo + ":")]
+    if stale:
+        podman("rmi", *stale, check=False, capture_output=True)
+
+
 def _build_root(tag: str, debs: tuple[str, ...], post: object = None) -> None:
+    _drop_stale(tag)
     with tempfile.TemporaryDirectory(prefix="aw-root-", dir=CACHE) as tmp:
         root = Path(tmp) / "root"
         debootstrap(root, debs)
@@ -178,8 +191,19 @@ def ensure_testserver() -> str:
 
 def build_wheel(out: Path) -> Path:
     say("building the wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
-                   check=True, stdout=subprocess.DEVNULL)
+    # From a copy of the working tree's files (tracked and new, not ignored): setuptools' build/ in
+    # the repository can hold modules deleted since, and would put them in the wheel.
+    src = out / "src"
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"pip wheel failed: {proc.stderr.strip()[-2000:]}")
     wheels = sorted(out.glob("accept_watch-*.whl"))
     if len(wheels) != 1:
         raise RuntimeError(f"expected one accept_watch wheel in {out}, found {len(wheels)}")
@@ -200,6 +224,8 @@ def ensure_image() -> str:
             f"ENTRYPOINT {json.dumps(list(recipe.ENTRYPOINT))}\n")
         say(f"podman build -> {recipe.IMAGE}")
         podman("build", "-q", "--network=none", "-t", recipe.IMAGE, str(ctx), stdout=subprocess.DEVNULL)
+    # The previous build's image, untagged now: drop it (and only dangling images) so rebuilds do not pile up.
+    podman("image", "prune", "-f", check=False, capture_output=True)
     return recipe.IMAGE
 
 
