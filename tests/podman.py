@@ -47,7 +47,8 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     proc = subprocess.run(["podman", *args], env=build.podman_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode:
-        raise AssertionError(f"podman {' '.join(args[:3])} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
+        what = " ".join(args[:3])
+        raise AssertionError(f"podman {what} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc
 
 
@@ -84,8 +85,8 @@ def start_gunicorn_in_container(image: str, tmp: Path, workers: int = 4, host_pi
     if host_pid:
         args.append("--pid=host")
     # Debian's python3-gunicorn has the module; the `gunicorn` script is in the separate gunicorn package.
-    args += [image, "python3", "-m", "gunicorn", "-w", str(workers), "-b", "127.0.0.1:0", "-c", "/conf/gunicorn.conf.py",
-             "--chdir", "/app", "pidapp:app"]
+    args += [image, "python3", "-m", "gunicorn", "-w", str(workers), "-b", "127.0.0.1:0",
+             "-c", "/conf/gunicorn.conf.py", "--chdir", "/app", "pidapp:app"]
     cid = podman(*args).stdout.strip()
     srv = InContainer(name, cid, 0, 0, record_dir, ready_dir)
     try:
