@@ -70,32 +70,33 @@ class InContainer:
         return podman("logs", self.name, check=False).stderr[-3000:]
 
 
-def start_gunicorn_in_container(image: str, tmp: Path, workers: int = 4, host_pid: bool = False,
+def start_gunicorn_in_container(image: str, tmp: Path, workers: int = 4, host_ns: bool = False,
                                 timeout: float = 60) -> InContainer:
-    """Host network (port 0: gunicorn's log says which port it got; podman here has no network
-    backend for a published port), its own pid namespace unless host_pid."""
+    """In the container's own pid and network namespaces (port 8000 inside, published on a loopback
+    port podman picks), or with host_ns in the host's (port 0: gunicorn's log says which it got)."""
     record_dir, ready_dir, conf = tmp / "records", tmp / "ready", tmp / "conf"
     for d in (record_dir, ready_dir, conf):
         d.mkdir(parents=True)
     (conf / "gunicorn.conf.py").write_text(_READY_HOOK)
     name = f"aw-test-{uuid.uuid4().hex[:12]}"
-    args = ["run", "-d", "--name", name, "--net=host",
+    args = ["run", "-d", "--name", name,
             "-v", f"{REPO / 'tests' / 'apps'}:/app:ro", "-v", f"{record_dir}:/records",
             "-v", f"{ready_dir}:/ready", "-v", f"{conf}:/conf:ro", "-e", "PIDAPP_RECORD_DIR=/records"]
-    if host_pid:
-        args.append("--pid=host")
+    args += ["--pid=host", "--net=host"] if host_ns else ["-p", "127.0.0.1::8000"]
+    bind = "127.0.0.1:0" if host_ns else "0.0.0.0:8000"
     # Debian's python3-gunicorn has the module; the `gunicorn` script is in the separate gunicorn package.
-    args += [image, "python3", "-m", "gunicorn", "-w", str(workers), "-b", "127.0.0.1:0",
+    args += [image, "python3", "-m", "gunicorn", "-w", str(workers), "-b", bind,
              "-c", "/conf/gunicorn.conf.py", "--chdir", "/app", "pidapp:app"]
     cid = podman(*args).stdout.strip()
     srv = InContainer(name, cid, 0, 0, record_dir, ready_dir)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", srv.logs())
+            m = re.search(r"Listening at: http://[0-9.]+:(\d+)", srv.logs())
             booted = [p for p in ready_dir.iterdir() if not p.name.endswith(".tmp")]
             if m and len(booted) == workers:
-                srv.port = int(m.group(1))
+                published = "" if host_ns else podman("port", name, "8000").stdout.strip()
+                srv.port = int(published.rsplit(":", 1)[1]) if published else int(m.group(1))
                 break
             state = podman("inspect", "-f", "{{.State.Status}}", name, check=False).stdout.strip()
             if state not in ("running", "created", "configured"):

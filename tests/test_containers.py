@@ -41,10 +41,12 @@ def images(request: pytest.FixtureRequest) -> dict[str, str]:
     return {"watch": build.ensure_image(), "server": build.ensure_testserver()}
 
 
-@pytest.mark.parametrize("host_pid", [False, True], ids=["own-pid-namespace", "host-pid-namespace"])
+@pytest.mark.parametrize("host_ns", [False, True], ids=["own-pid-and-net-namespaces", "host-pid-and-net"])
 def test_gunicorn_in_container_counted_from_host(images: dict[str, str], tmp_path: Path,
-                                                 host_pid: bool) -> None:
-    srv = start_gunicorn_in_container(images["server"], tmp_path / "srv", workers=4, host_pid=host_pid)
+                                                 host_ns: bool) -> None:
+    """Own namespaces: a published port, the listener read in the container's network namespace
+    (nsenter + ss), the workers' pids inside the container in the app's log."""
+    srv = start_gunicorn_in_container(images["server"], tmp_path / "srv", workers=4, host_ns=host_ns)
     try:
         run = start_watch(srv.host_master_pid, tmp_path)
         try:
@@ -67,7 +69,9 @@ def test_gunicorn_in_container_counted_from_host(images: dict[str, str], tmp_pat
         assert w["container"]["runtime"] == "podman"
         assert srv.container_id in w["container"]["cgroup"]
     counted = {w["pid"]: w["accepts"] for w in doc["workers"] if w["accepts"]}
-    if host_pid:
+    (listener,) = doc["listeners"]
+    assert listener["port"] == (srv.port if host_ns else 8000) and listener["accepts"] == N
+    if host_ns:
         # Same pid namespace: no nspid, and the log's pids are the host's.
         assert all("nspid" not in w for w in doc["workers"])
         assert counted == truth
