@@ -24,6 +24,7 @@ import httpx
 import pytest
 from accept_watch.daemon.terminal import render
 from accept_watch.dashboard.metrics import document_metrics
+from accept_watch.dashboard.schema import Snapshot
 
 from tests.podman import build, podman, podman_unavailable_reason, recipe, start_gunicorn_in_container
 from tests.servers import count_by_pid, read_records, run_clients, start_gunicorn
@@ -61,6 +62,7 @@ def test_gunicorn_in_container_counted_from_host(images: dict[str, str], tmp_pat
     assert (result.ok, result.failed) == (N, 0), result.errors[:3]
     assert sum(truth.values()) == N
     assert (doc["total_accepts"], doc["unattributed"]) == (N, 0)
+    Snapshot.model_validate(doc)  # the new fields as the published schema describes them
 
     by_host_pid = {w["pid"]: w for w in doc["workers"]}
     master = by_host_pid[srv.host_master_pid]
