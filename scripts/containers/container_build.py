@@ -189,17 +189,28 @@ def ensure_testserver() -> str:
     return tag
 
 
+def tree_files() -> list[str]:
+    """The working tree's files, tracked and new, not ignored."""
+    out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
+                         capture_output=True, check=True).stdout.decode()
+    return sorted(n for n in out.split("\0") if n and (REPO / n).is_file())
+
+
+def tree_hash() -> str:
+    h = hashlib.sha256()
+    for name in tree_files():
+        h.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def build_wheel(out: Path) -> Path:
     say("building the wheel")
-    # From a copy of the working tree's files (tracked and new, not ignored): setuptools' build/ in
-    # the repository can hold modules deleted since, and would put them in the wheel.
+    # From a copy of the working tree's files: setuptools' build/ in the repository can hold modules
+    # deleted since, and would put them in the wheel.
     src = out / "src"
-    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
+    for name in tree_files():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name)
     cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -211,8 +222,14 @@ def build_wheel(out: Path) -> Path:
 
 
 def ensure_image() -> str:
-    """The accept-watch image from the current tree (the wheel layer is rebuilt, the base is cached)."""
+    """The accept-watch image from the current tree: rebuilt (the wheel layer only; the base is cached)
+    unless the image already carries this tree's hash on this base."""
     base = ensure_base()
+    source = f"{base}@{tree_hash()}"
+    current = podman("image", "inspect", "--format", '{{index .Labels "accept-watch.source"}}', recipe.IMAGE,
+                     check=False, capture_output=True)
+    if current.returncode == 0 and current.stdout.strip() == source:
+        return recipe.IMAGE
     with tempfile.TemporaryDirectory(prefix="aw-ctx-") as tmp:
         ctx = Path(tmp)
         wheel = build_wheel(ctx)
@@ -221,7 +238,8 @@ def ensure_image() -> str:
             f"COPY {wheel.name} /tmp/\n"
             f"RUN {recipe.VENV}/bin/pip install -q --no-deps --no-index /tmp/{wheel.name}"
             f" && rm /tmp/{wheel.name}\n"
-            f"ENTRYPOINT {json.dumps(list(recipe.ENTRYPOINT))}\n")
+            f"ENTRYPOINT {json.dumps(list(recipe.ENTRYPOINT))}\n"
+            f"LABEL accept-watch.source={json.dumps(source)}\n")
         say(f"podman build -> {recipe.IMAGE}")
         podman("build", "-q", "--network=none", "-t", recipe.IMAGE, str(ctx), stdout=subprocess.DEVNULL)
     # The previous build's image, untagged now: drop it (and only dangling images) so rebuilds do not pile up.
