@@ -31,7 +31,28 @@ sys.path.insert(0, str(HERE))
 import container_recipe as recipe  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "accept-watch" / "containers"
-MIRROR = os.environ.get("AW_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def apt_mirror() -> str:
+    """The Debian mirror apt uses here (deb822 .sources or a one-line sources.list entry)."""
+    texts = []
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read(65536))
+        except OSError:
+            continue
+    for text in texts:
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            urls = words[1:] if words[:1] == ["URIs:"] else words[1:2] if words[:1] == ["deb"] else []
+            for url in urls:
+                if url.startswith(("http://", "https://")) and url.rstrip("/").endswith("/debian"):
+                    return url.rstrip("/")
+    return "http://deb.debian.org/debian"
+
+
+MIRROR = os.environ.get("AW_DEBIAN_MIRROR") or apt_mirror()
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 BASE = "localhost/accept-watch-base"
 TESTSERVER = "localhost/accept-watch-testserver"
