@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := bash scripts/setup.sh
 
-.PHONY: setup demo test lint bench kernel-matrix clean
+.PHONY: setup demo test lint bench kernel-matrix containers clean
 
 setup:
 	@$(SETUP)
@@ -21,6 +21,13 @@ lint: setup
 # ~/.cache/accept-watch/. Exit 3 = Debian/PyPI packages could not be fetched (not a test failure).
 kernel-matrix:
 	@python3 scripts/kernel-matrix/run_matrix.py $(KM_ARGS)
+
+# The container image (Debian packages + this tree's wheel; roots cached in ~/.cache/accept-watch/containers)
+# and the podman tests: a containerised gunicorn watched from the host, the image watching a host gunicorn,
+# the DaemonSet checked. `make test` runs the same tests. Exit 3 from the build: packages unreachable.
+containers: setup
+	@$(PY) scripts/containers/container_build.py
+	@$(PY) -m pytest -ra tests/test_containers.py tests/test_kubernetes_manifest.py tests/test_procident.py
 
 bench: setup
 	@$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -119,6 +119,17 @@ class InFlight(_Open):
     life_ms: Lifetime | None = Field(None, description="accept -> close, in milliseconds")
 
 
+class Container(_Open):
+    """The container a process runs in, from its cgroup (daemon/procident.py)."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{12,64}$", description="the container id its runtime gave it")
+    runtime: Literal["podman", "docker", "containerd", "cri-o", "kubernetes"] = Field(
+        description="who named the cgroup ('kubernetes': a kubelet's cgroupfs pod path, runtime unnamed)")
+    cgroup: str = Field(max_length=256, description="the cgroup path (sanitized: [A-Za-z0-9_.:@=+,/-], "
+                        "other characters as '?'; a longer path keeps its tail after '...')")
+    pod: str | None = Field(default=None, description="the Kubernetes pod uid, when the path names one")
+
+
 class Worker(_Open):
     """One process of the server (extra keys, e.g. container fields, are kept)."""
 
@@ -141,8 +152,9 @@ class Worker(_Open):
     queue_wait_hist: list[HistBucket] = Field(
         default_factory=list,
         description="[low_ns, high_ns, count] for non-empty buckets of the log-linear histogram")
-    nspid: Int | None = Field(None, description="the pid inside the process's own pid namespace")
-    container: dict[str, Any] | None = Field(None, description="the container the process runs in")
+    nspid: Int | None = Field(None, description="its pid inside its own pid namespace (a container's), "
+                              "from NSpid; absent when the same as pid")
+    container: Container | None = Field(None, description="absent when not in a container")
 
 
 class Transition(_Open):

@@ -25,7 +25,7 @@ from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
 from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot
 
-from . import discovery
+from . import discovery, procident
 from .clock import ClockMap, iso_utc
 from .discovery import ProcessInfo, Topology
 from .document import SCHEMA_ID, Document
@@ -74,6 +74,7 @@ class _Worker:
     first_own_ns: int | None = None  # when base is non-zero: first update that showed own accepts
     blocked_samples: int = 0  # samples that caught it blocked in its handler holding connections
     blocked_max: int = 0  # most connections it held at such a sample (daemon/blocked.py)
+    ident: dict[str, Any] = field(default_factory=dict)  # nspid / container (daemon/procident.py)
 
     @property
     def accepts(self) -> int:
@@ -246,6 +247,9 @@ class Aggregator:
             create_time=info.create_time if info else None,
             discovered=discovered,
             alive=info is not None,
+            # Read once per process: a process keeps its pid namespace, and moving a worker between
+            # containers' cgroups is not something servers do.
+            ident=procident.identity(pid) if info is not None else {},
         )
         if base is not None:
             w.base = base
@@ -444,6 +448,7 @@ class Aggregator:
             "queue_wait_us": wait,
             "inflight": self._inflight_doc(w),
             "queue_wait_hist": [[*bucket_bounds(i), c] for i, c in sorted(hist.items())],
+            **w.ident,
         }
 
     def _transitions_doc(self) -> tuple[list[dict[str, int]], int]:

@@ -28,6 +28,11 @@ MIN_BAR = 10
 _FIXED = len(_COLS.format(pid="", accepts="", share="", rate="", p50="", p99="", state="", bar=""))
 _FIXED_COMPACT = len(_COLS_COMPACT.format(pid="", accepts="", share="", state="", bar=""))
 FULL_WIDTH = _FIXED + MIN_BAR
+# Servers in containers: the pid each worker has inside its container (NSpid) next to the host pid,
+# and one line per container (daemon/procident.py).
+_PID_COL = "{pid:>8}"
+_NSPID_COL = " {nspid:>7}"
+MAX_CONTAINER_LINES = 4
 
 Segment = tuple[str, str | None]
 
@@ -140,6 +145,7 @@ def _worker_line(
     share = float(w.get("share") or 0.0)
     text = cols.format(
         pid=str(w.get("pid", "-")),
+        nspid=str(w.get("nspid") if w.get("nspid") is not None else "-"),
         accepts=f"{int(w.get('accepts') or 0):,}",
         share=f"{share * 100:.1f}%",
         bar=share_bar(share, max_share, fair, bar_w),
@@ -168,13 +174,17 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
         lines.append(_emit([("  (no workers)", "dim")], width, ansi))
         return "\n".join(lines)
     cols, fixed = (_COLS, _FIXED) if width >= FULL_WIDTH else (_COLS_COMPACT, _FIXED_COMPACT)
+    if any(w.get("nspid") is not None for w in workers):
+        cols = cols.replace(_PID_COL, _PID_COL + _NSPID_COL, 1)
+        fixed += len(_NSPID_COL.format(nspid=""))
+    lines.extend(_emit(segs, width, ansi) for segs in _container_lines(workers))
     bar_w = max(MIN_BAR, width - fixed)
     fair = competitors(doc)["fair_share"]
     max_share = max(float(w.get("share") or 0.0) for w in workers)
     head = cols.format(
         pid="pid", accepts="accepts", share="share",
         bar=f"{'share (| = fair ' + (f'{fair * 100:.1f}%' if fair else '-') + ')':<{bar_w}}"[:bar_w],
-        rate="rate 1s/10s", p50="wait p50", p99="p99", state="state",
+        rate="rate 1s/10s", p50="wait p50", p99="p99", state="state", nspid="ns pid",
     )
     lines.append(_emit([(head, "bold")], width, ansi))
     busiest = sorted(workers, key=lambda w: (-int(w.get("accepts") or 0), int(w.get("pid") or 0)))
@@ -188,6 +198,23 @@ def render(doc: dict[str, Any], width: int = 100, max_workers: int = 32, ansi: b
         lines.append(_emit([(f"  ... {rest} more workers ({rest_accepts:,} accepts)", "dim")], width, ansi))
     lines.extend(_emit([(text, style)], width, ansi) for text, style in _why_lines(doc, width))
     return "\n".join(lines)
+
+
+def _container_lines(workers: list[dict[str, Any]]) -> list[list[Segment]]:
+    """One line per container the server's processes run in (most processes first), bounded."""
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for w in workers:
+        c = w.get("container")
+        if isinstance(c, dict) and c.get("id"):
+            key = (str(c.get("runtime")), str(c["id"]))
+            n, _ = seen.get(key, (0, ""))
+            seen[key] = (n + 1, str(c.get("cgroup") or ""))
+    ordered = sorted(seen.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    out = [[(f"  container {runtime} {cid[:12]} ({n} pid{_s(n)})", None), (f"  cgroup {cgroup}", "dim")]
+           for (runtime, cid), (n, cgroup) in ordered[:MAX_CONTAINER_LINES]]
+    if len(ordered) > MAX_CONTAINER_LINES:
+        out.append([(f"  ... {len(ordered) - MAX_CONTAINER_LINES} more containers", "dim")])
+    return out
 
 
 def _safe(doc: dict[str, Any]) -> dict[str, Any]:

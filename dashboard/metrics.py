@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .metrics_containers import container_metrics
 from .metrics_losses import loss_metrics
 
 # Fixed histogram bounds (seconds) for accept_watch_queue_wait_seconds, as integer ns so that bucket
@@ -206,6 +207,7 @@ def worker_metrics(doc: Mapping, server: str) -> Iterable[Metric]:
         "accept_watch_accepts", "Connections accepted by all the server's processes since start",
         labels=["server"]), server, doc.get("total_accepts"))
     yield queue_wait_histogram(doc, workers, server)
+    yield from container_metrics(workers, server, _live)
 
 
 def queue_wait_histogram(doc: Mapping, workers: list[Mapping], server: str) -> Metric:

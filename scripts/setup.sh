@@ -18,16 +18,20 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # apache2: Apache prefork for the real-server verdict tests (run with our own config, never the system one).
 # prometheus: promtool (checks the alert rules and /metrics) and the server the Grafana-panel test scrapes
 # with (own config and storage in a temp dir, loopback port).
+# podman, runc, debootstrap: the container image and the container tests (`make containers`): images are
+# built from a debootstrapped Debian root (no registry); runc because crun refuses hybrid cgroups.
 PKGS=(python3-bpfcc bpftool python3-venv nginx-light wrk bpftrace chromium chromium-driver procps iproute2
-  apache2 prometheus)
+  apache2 prometheus podman runc debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
-  apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  # Another apt run (the machine may be shared) holds the dpkg lock for a while: wait for it.
+  apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 # Debian's nginx package starts a server on :80 at install; we run our own instances.
 systemctl disable --now nginx >/dev/null 2>&1 || true

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-STRICT_MARKERS = ("kernel", "browser")
+STRICT_MARKERS = ("kernel", "browser", "containers")
 
 # Shared assertion helpers of the real-server tests: pytest explains their failures too.
 pytest.register_assert_rewrite("tests.verdicts", "tests.groundtruth")

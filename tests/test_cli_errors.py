@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests import servers
-from tests.watcher import our_bpf_program_ids, run_cli, start_watch
+from tests.watcher import (
+    bpf_program_ids_of,
+    loaded_bpf_program_ids,
+    run_cli,
+    start_watch,
+)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -95,19 +100,20 @@ def test_no_btf_is_one_line(tmp_path: Path) -> None:
 def test_signal_detaches_flushes_and_exits_zero(tmp_path: Path, sig: str) -> None:
     import signal
 
-    before = our_bpf_program_ids()
     with servers.start_gunicorn(workers=2) as srv:
         run = start_watch(srv.master_pid, tmp_path)
-        assert our_bpf_program_ids() - before, "the probes should be loaded while watching"
+        # This run's own programs (other accept-watch runs on a shared machine load same-named ones).
+        mine = bpf_program_ids_of(run.proc.pid)
+        assert mine, "the probes should be loaded while watching"
         result = servers.run_clients(srv.port, 10, concurrency=1)
         assert result.failed == 0
         assert run.stop(getattr(signal, sig)) == 0, run.stderr()
     assert run.document()["total_accepts"] == 10
     assert run.document()["ended_at"] is not None
     deadline = time.monotonic() + 5
-    while our_bpf_program_ids() - before and time.monotonic() < deadline:
+    while loaded_bpf_program_ids() & mine and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not our_bpf_program_ids() - before, "programs left loaded after exit"
+    assert not loaded_bpf_program_ids() & mine, "programs left loaded after exit"
 
 
 @pytest.mark.kernel

@@ -11,6 +11,7 @@ import pytest
 
 from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
 from accept_watch.daemon.document import Document as Snapshot
+from accept_watch.daemon.document import DocumentError
 from accept_watch.daemon.stats import Aggregator
 from accept_watch.probes.records import Counter, KernelSnapshot, ListenerCounters, WorkerCounters
 from tests.test_report import simulate
@@ -71,9 +72,15 @@ def test_exports_round_trip_through_the_model() -> None:
 
 def test_a_worker_may_carry_container_fields() -> None:
     raw = json.loads(REAL_EXPORT.read_text())
-    raw["workers"][0] |= {"nspid": 7, "container": {"id": "abc", "runtime": "docker"}, "later": [1]}
+    cid = "0123456789ab" * 2
+    raw["workers"][0] |= {"nspid": 7, "container": {"id": cid, "runtime": "docker", "cgroup": "/x"},
+                          "later": [1]}
     out = Snapshot.from_dict(raw).to_dict()["workers"][0]
-    assert out["nspid"] == 7 and out["container"]["id"] == "abc" and out["later"] == [1]
+    assert out["nspid"] == 7 and out["container"]["id"] == cid and out["later"] == [1]
+    # The id is an untrusted string from a cgroup path: only hex ids are a container's.
+    raw["workers"][0]["container"]["id"] = "abc"
+    with pytest.raises(DocumentError, match=r"workers\[0\]\.container\.id"):
+        Snapshot.from_dict(raw)
 
 
 

@@ -87,6 +87,27 @@ def run_cli(*args: str, timeout: float = 60, user: str | None = None) -> subproc
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def bpf_program_ids_of(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds open (prog_id in its fds' fdinfo): unlike the names,
+    not confused by another accept-watch running on the same machine."""
+    ids: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                text = f.read(4096)
+        except OSError:
+            continue  # closed meanwhile
+        ids.update(int(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("prog_id:") and line.split()[1:2] and line.split()[1].isdigit())
+    return ids
+
+
+def loaded_bpf_program_ids() -> set[int]:
+    """Ids of every BPF program loaded on the machine (ids are allocated cyclically: not soon reused)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
+    return {p["id"] for p in json.loads(out.stdout)}
+
+
 def our_bpf_program_ids() -> set[int]:
     """Ids of loaded BPF programs whose names are ours (BCC names programs after their function)."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)

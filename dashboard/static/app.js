@@ -97,6 +97,13 @@
     $('master-pid').textContent = String(doc.master_pid);
     $('master-cmdline').textContent = doc.master_cmdline;
     $('master-cmdline').title = doc.master_cmdline;
+    // A server in a container: its runtime and short id, the master's pid inside it, the cgroup on hover.
+    const master = doc.workers.find((w) => w.pid === doc.master_pid);
+    const c = master ? obj(master.container) : {};
+    const where = $('master-container');
+    where.textContent = c.id ? `${c.runtime} ${String(c.id).slice(0, 12)}` +
+      (isNum(master.nspid) ? ` (pid ${master.nspid} inside)` : '') : '';
+    where.title = c.id ? `container ${c.id}\ncgroup ${c.cgroup}` : '';
     const probe = $('probe');
     probe.textContent = doc.probe;
     probe.title = `${doc.probe_detail} — kernel ${doc.kernel}`;
@@ -224,17 +231,22 @@
         class: classes.join(' '), 'data-testid': 'worker-row', 'data-pid': w.pid, 'data-accepts': w.accepts,
         'data-alive': w.alive ? 'true' : 'false',
         title: `${w.cmdline}\npid ${w.pid} (ppid ${w.ppid ?? '?'})${w.alive ? '' : ' — exited'}\n` +
+          (isNum(w.nspid) ? `pid ${w.nspid} in its container\n` : '') +
+          (obj(w.container).id ? `container ${w.container.runtime} ${w.container.id}\n` : '') +
           `${fmtRate(w.rate['10s'])} accepts/s over 10 s`,
+        'data-nspid': isNum(w.nspid) ? w.nspid : null,
       },
       el('div', { class: 'bar-pid' },
         w.alive ? null : el('span', { class: 'tag', text: 'exited' }),
         w.role === 'master' ? el('span', { class: 'tag', text: 'master' }) : null,
-        String(w.pid)),
+        String(w.pid),
+        isNum(w.nspid) ? el('span', { class: 'ns', 'data-testid': 'worker-nspid', text: ` · ${w.nspid}` }) : null),
       el('div', { class: 'bar-track' }, fill, ideal),
       el('div', { class: 'bar-val', text: `${fmtInt(w.accepts)} · ${fmtPct(w.share)}` }));
     });
     const scroll = box.scrollTop;
     box.classList.toggle('dense', workers.length > DENSE_ROWS);
+    box.classList.toggle('with-ns', workers.some((w) => isNum(w.nspid)));
     box.replaceChildren(...rows);
     box.scrollTop = scroll;
   }
