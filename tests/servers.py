@@ -205,6 +205,7 @@ def start_gunicorn(
     reuse_port: bool = False,
     host: str = "127.0.0.1",
     ready_timeout_s: float = 30.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Start gunicorn with the pid app (`worker_class` "sync", or "uvicorn" for UvicornWorker with the
     ASGI app) and return once every worker is ready. port=0: the kernel picks a free port, read back
@@ -222,7 +223,8 @@ def start_gunicorn(
         record_dir.mkdir()
         ready_dir.mkdir()
         gunicorn.config_text = _READY_HOOK.format(ready_dir=str(ready_dir))
-        gunicorn.env.update({"PIDAPP_RECORD_DIR": str(record_dir), "PIDAPP_SLEEP_MS": str(sleep_ms)})
+        gunicorn.env.update({"PIDAPP_RECORD_DIR": str(record_dir), "PIDAPP_SLEEP_MS": str(sleep_ms),
+                             **(extra_env or {})})
         gunicorn.start()
 
         def all_booted(pids: list[int]) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 RECORD_DIR_ENV = "PIDAPP_RECORD_DIR"
 SLEEP_MS_ENV = "PIDAPP_SLEEP_MS"
+NO_PEER_PORT_ENV = "PIDAPP_NO_PEER_PORT"
 
 
 def _record_dir() -> str:
@@ -67,7 +68,12 @@ def _body() -> bytes:
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """WSGI entry point."""
     # gunicorn always sets REMOTE_PORT for TCP peers; a KeyError here means a broken setup, loudly.
-    record(int(environ["REMOTE_PORT"]))
+    # tornado's WSGIContainer (gunicorn's tornado worker) never sets it: its launcher says so and the
+    # peer port is recorded as 0.
+    if os.environ.get(NO_PEER_PORT_ENV) == "1":
+        record(int(environ.get("REMOTE_PORT") or 0))
+    else:
+        record(int(environ["REMOTE_PORT"]))
     if SLEEP_S:
         time.sleep(SLEEP_S)
     body = _body()
