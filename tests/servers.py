@@ -272,6 +272,7 @@ def run_clients(
     if n < 0 or concurrency < 1:
         raise ValueError(f"need n >= 0 and concurrency >= 1, got n={n}, concurrency={concurrency}")
     family, sockaddr = resolve_loopback(host, port)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets
     deadline = time.monotonic() + deadline_s
     lock = threading.Lock()
     issued = 0
@@ -284,7 +285,7 @@ def run_clients(
                 if issued >= n or time.monotonic() >= deadline:
                     return
                 issued += 1
-            outcome = request_once(family, sockaddr, path, timeout_s, f"{host}:{port}")
+            outcome = request_once(family, sockaddr, path, timeout_s, authority)
             with lock:
                 outcomes.append(outcome)
 

@@ -1,5 +1,6 @@
 """Issue 10 on real servers through deploys, each step under load: gunicorn --max-requests 50, HUP, TTIN/TTOU,
-SIGKILL of a worker, USR2 then TERM of the old master, and `nginx -s reload`.
+SIGKILL of a worker, USR2 then TERM of the old master, `nginx -s reload`, nginx's binary upgrade (USR2,
+WINCH, QUIT), Apache's graceful restart (event MPM) and a `uvicorn --workers` worker killed and restarted.
 
 Each scenario runs once (module-scoped fixture) and is judged by separate tests: per-pid accepts equal the
 server's own log, exited processes are "alive": false in the final export, replacement alone is never
@@ -23,8 +24,10 @@ import pytest
 from tests import groundtruth as gt
 from tests import verdicts as v
 from tests.conftest import kernel_unavailable_reason
-from tests.realservers import alive, children, start_nginx
-from tests.realservers_py import GunicornServer, start_gunicorn_server
+from tests.realservers import APACHE_PATH, alive, children, start_nginx
+from tests.realservers_apache import start_apache_threaded
+from tests.realservers_deploy import NginxUpgrade, start_daemon_nginx, uvicorn_kill_worker
+from tests.realservers_py import GunicornServer, start_gunicorn_server, start_uvicorn
 from tests.watcher import start_watch
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("kernel_ok")]
@@ -200,6 +203,74 @@ def _nginx_reload(tmp: Path) -> Run:
                baseline_tolerance=0.1)
 
 
+def _nginx_binary_upgrade(tmp: Path) -> Run:
+    """USR2 (a new master execs, its workers start), WINCH (the old workers finish), QUIT (the old master
+    exits), all under load: accept-watch follows the new master on the same socket."""
+    up = NginxUpgrade(start_daemon_nginx(N))
+    srv = up.srv
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+    watch = start_watch(srv.master_pid, tmp)
+    try:
+        v.load(srv.port, 100, 2)
+        bg = v.Background(srv.port, 120, 2)
+        new_master = up.usr2()
+        bg.join()
+        bg = v.Background(srv.port, 120, 2)
+        up.winch_old()
+        up.quit_old()
+        bg.join()
+        state["final"] = up.workers_of(new_master)
+        v.load(srv.port, 120, 2)  # the new generation only
+        state["watching"] = watch.proc.poll() is None
+    finally:
+        code = watch.stop()
+        up.close()
+    exited = set(first) | {up.masters[0]}
+    return Run(watch.document(), srv.records(), srv.port, exited, list(up.masters), max_live=2 * N,
+               live_mean=(1, 2 * N), even_expected=False, exit_code=code, stderr=watch.stderr(),
+               watch_alive_after_master_exit=state.get("watching"),
+               known=gt.from_membership(first, state.get("final", [])), baseline_tolerance=0.1)
+
+
+def _apache_graceful(tmp: Path) -> Run:
+    """Apache event MPM, SIGUSR1 (apachectl -k graceful) under load: a new generation of children, the
+    old ones finish their connections and exit."""
+    srv = start_apache_threaded("event", N, threads=2)
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+
+    def action() -> None:
+        v.load(srv.port, 100, 2, APACHE_PATH)
+        bg = v.Background(srv.port, 150, 2, APACHE_PATH)
+        state["final"] = srv.graceful()
+        bg.join()
+        v.load(srv.port, 100, 2, APACHE_PATH)
+
+    doc, _ = v.watch_during(srv, tmp, action)
+    return Run(doc, srv.records(), srv.port, set(first), [srv.master_pid], max_live=2 * N,
+               even_expected=False, known=gt.from_membership(first, state.get("final", [])))
+
+
+def _uvicorn_kill_worker(tmp: Path) -> Run:
+    """`uvicorn --workers 4`, one idle worker SIGKILLed: uvicorn's supervisor starts a replacement."""
+    srv = start_uvicorn(N)
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+
+    def action() -> None:
+        v.load(srv.port, 150, C)
+        state["victim"] = first[0]
+        uvicorn_kill_worker(srv, first[0])
+        state["final"] = srv.worker_pids()
+        v.load(srv.port, 150, C)
+
+    doc, _ = v.watch_during(srv, tmp, action)
+    # uvicorn's workers are event loops: its own spread may be uneven; judged against the log.
+    return Run(doc, srv.records(), srv.port, {first[0]}, [srv.master_pid], even_expected=False,
+               known=gt.from_membership(first, state.get("final", [])))
+
+
 SCENARIOS: dict[str, Callable[[Path], Run]] = {
     "gunicorn-max-requests": _max_requests,
     "gunicorn-hup": _hup,
@@ -207,6 +278,9 @@ SCENARIOS: dict[str, Callable[[Path], Run]] = {
     "gunicorn-sigkill-worker": _sigkill,
     "gunicorn-usr2-term-old-master": _usr2,
     "nginx-reload": _nginx_reload,
+    "nginx-binary-upgrade": _nginx_binary_upgrade,
+    "apache-graceful": _apache_graceful,
+    "uvicorn-kill-worker": _uvicorn_kill_worker,
 }
 
 
