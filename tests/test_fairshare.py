@@ -154,6 +154,37 @@ def test_generations_within_one_interval_count_as_the_workers_live_at_a_time() -
                          dict.fromkeys(old + new, 10)) == pytest.approx(0.25)
 
 
+def test_live_span_covers_the_intervals_a_rare_acceptor_was_live() -> None:
+    """A worker that waits all along but wins rarely (EPOLLEXCLUSIVE): its accepts at 5.0-5.1 s, but it
+    was live through every interval from 0 to 10 s, as were the others. Accept spans alone would have it
+    absent for most of the run and the others' same-worker baseline would rise (fewer competitors)."""
+    t = ShareTracker(0, alive=[1, 2, 3])
+    accepts: dict[tuple[int, int], int] = {}
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
+    for second in range(1, 11):
+        now = second * 1_000_000_000
+        for pid in (1, 2):
+            accepts[(pid, PORT)] = accepts.get((pid, PORT), 0) + 10
+            spans[(pid, PORT)] = (1, now - 1)
+        if second == 6:
+            accepts[(3, PORT)] = 2
+            spans[(3, PORT)] = (5_000_000_000, 5_100_000_000)
+        t.update(accepts, {PORT: [1, 2, 3]}, [1, 2, 3], now, spans)
+    live = t.live_spans(PORT)
+    assert live[3] == (0, 10_000_000_000)
+    assert t.spans[PORT][3] == (5_000_000_000, 5_100_000_000)  # the accept span itself is kept
+    doc = t.to_doc(lambda ns: ns / 1e9)[str(PORT)]
+    assert doc["spans"]["3"] == [0.0, 10.0]
+    counts = {1: 100, 2: 100, 3: 2}
+    exp = t.ports[PORT].expected
+    rel_live = {p: (a / 1e9, b / 1e9) for p, (a, b) in live.items()}
+    rel_accept = {p: (a / 1e9, b / 1e9) for p, (a, b) in t.spans[PORT].items()}
+    succ = {1: 100, 2: 100, 3: 2}
+    # With worker 3 live throughout (weak), the two strong workers' baseline is below 1/2; with its
+    # accept span only it is exactly 1/2 outside 5.0-5.1 s.
+    assert self_baseline(counts, exp, rel_live, succ) < self_baseline(counts, exp, rel_accept, succ)
+
+
 def test_folding_keeps_totals() -> None:
     ps = PortShares()
     for i in range(1, 401):
