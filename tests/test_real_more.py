@@ -60,6 +60,11 @@ def test_php_fpm_dynamic_pool_grows(tmp_path: Path) -> None:
     assert r[srv.master_pid] == "master", r
     verdict = v.verdict(doc)
     assert verdict["cause"] == "fifo-wakeup", verdict  # children block in accept() (seen in /proc)
+    # Every child seen waiting, the new ones included, waits in accept() on the pool's socket (a child
+    # born under load may be caught busy in every sample: "unknown", never another mode).
+    modes = {int(p): m["mode"] for p, m in doc["analysis"]["wait_modes"]["by_pid"].items()}
+    seen = {modes[p] for p in gt.per_pid(records) if p in modes} - {"unknown"}
+    assert seen == {"blocking-accept"}, modes
     lw = v.fairness(doc)["live_workers"]
     assert lw["min"] >= 2 and lw["max"] <= N, lw
     v.assert_verdict_matches_log(doc, records, srv.port,
