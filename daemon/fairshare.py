@@ -63,9 +63,8 @@ class PortShares:
                 self.expected[pid] = self.expected.get(pid, 0.0) + (rest / len(full) if full else 0.0)
         if not full and not spans:
             return
-        mean, peak = _overlap(len(full), spans.values(), start_ns, end_ns)
+        mean, peak, low = _overlap(len(full), spans.values(), start_ns, end_ns)
         seconds = max(0.0, (end_ns - start_ns) / 1e9)
-        low = max(1, len(full))
         self.live_min = low if self.live_min is None else min(self.live_min, low)
         self.live_max = peak if self.live_max is None else max(self.live_max, peak)
         self.live_time += mean * seconds
@@ -88,24 +87,33 @@ class PortShares:
         }
 
 
-def _overlap(steady: int, spans: Iterable[tuple[int, int]], start_ns: int, end_ns: int) -> tuple[float, int]:
-    """Time-averaged and peak number of live workers over [start_ns, end_ns]: `steady` all along,
-    plus one per span while it lasts. With no steady worker, over the spans' own extent only (a
-    burst of load between two idle stretches is when anyone was seen live)."""
+def _overlap(steady: int, spans: Iterable[tuple[int, int]], start_ns: int,
+             end_ns: int) -> tuple[float, int, int]:
+    """Time-averaged, peak and lowest number of live workers over [start_ns, end_ns]: `steady` all
+    along, plus one per span while it lasts. With no steady worker, over the spans' own extent only (a
+    burst of load between two idle stretches is when anyone was seen live). The lowest is taken over
+    stretches of non-zero length, so a generation handing over to the next inside one interval (a
+    reload, a binary upgrade: old spans reach the interval's start, new ones its end) is not read as
+    one live worker."""
     spans = list(spans)
     if not steady and spans:
         start_ns, end_ns = min(a for a, _ in spans), max(b for _, b in spans)
     edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], -e[1]))
     live = peak = steady
+    low: int | None = None
     last, area = start_ns, 0.0
     for t, step in edges:
-        area += live * max(0, t - last)
+        if t > last:
+            area += live * (t - last)
+            low = live if low is None else min(low, live)
         last = max(last, t)
         live += step
         peak = max(peak, live)
-    area += live * max(0, end_ns - last)
+    if end_ns > last or low is None:
+        area += live * max(0, end_ns - last)
+        low = live if low is None else min(low, live)
     span = end_ns - start_ns
-    return (area / span if span > 0 else float(peak)), max(1, peak)
+    return (area / span if span > 0 else float(peak)), max(1, peak), max(1, low, steady)
 
 
 def self_baseline(observed: Mapping[int, int], expected: Mapping[int, float],
@@ -171,10 +179,11 @@ class ShareTracker:
 
     def update(self, accepts: Mapping[tuple[int, int], int], workers_by_port: Mapping[int, Iterable[int]],
                alive: Iterable[int], now_ns: int,
-               spans: Mapping[tuple[int, int], tuple[int, int]] | None = None) -> None:
+               spans: Mapping[tuple[int, int], tuple[int, int]] | None = None,
+               born: Mapping[int, int] | None = None) -> None:
         """accepts: (pid, port) -> cumulative accepts; workers_by_port: the workers holding each port's
-        listener now; alive: pids alive now; spans: (pid, port) -> (first, last) accept time
-        (CLOCK_MONOTONIC ns)."""
+        listener now; alive: pids alive now; spans: (pid, port) -> (first, last) accept time; born:
+        pid -> when the process started, where known (all CLOCK_MONOTONIC ns)."""
         alive_now = frozenset(alive)
         start_ns = self._last_ns if self._last_ns is not None else now_ns
         spans = spans or {}
@@ -194,6 +203,11 @@ class ShareTracker:
                     continue
                 first, last = spans.get((pid, port), (start_ns, now_ns))
                 lo = start_ns if pid in before else min(max(first, start_ns), now_ns)
+                if pid not in before and born and start_ns <= born.get(pid, -1) <= lo:
+                    # Forked during the interval: live from its start, not only from its first
+                    # accept (a new generation waits idle while the old one still wins: a binary
+                    # upgrade or reload handing over within one interval is not a dip in live workers).
+                    lo = born[pid]
                 hi = now_ns if pid in alive_now else max(min(last, now_ns), lo)
                 partial[pid] = (lo, hi)
             shares = self.ports.setdefault(port, PortShares())

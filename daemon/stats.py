@@ -311,7 +311,10 @@ class Aggregator:
         for port, pids in by_port.items():
             by_port[port] = {p for p in pids if p in self._workers and self._workers[p].role == "worker"}
         alive = {pid for pid, w in self._workers.items() if w.alive}
-        self._shares.update(accepts, by_port, alive, now, spans)
+        offset_ns = time.time_ns() - time.monotonic_ns()  # places process start times on the monotonic clock
+        born = {pid: int(w.create_time * 1e9) - offset_ns for pid, w in self._workers.items()
+                if w.create_time is not None}
+        self._shares.update(accepts, by_port, alive, now, spans, born)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():

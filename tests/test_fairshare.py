@@ -185,6 +185,25 @@ def test_live_span_covers_the_intervals_a_rare_acceptor_was_live() -> None:
     assert self_baseline(counts, exp, rel_live, succ) < self_baseline(counts, exp, rel_accept, succ)
 
 
+def test_a_generation_forked_mid_interval_is_live_from_its_fork() -> None:
+    """A binary upgrade inside one read interval: four new workers forked at 0.2 s wait while the old
+    four keep winning until 0.8 s, then take over. Live from the fork, not from their first accept at
+    0.9 s: never fewer than four live, eight while both wait."""
+    t = ShareTracker(0, alive=[1, 2, 3, 4])
+    old, new = [1, 2, 3, 4], [5, 6, 7, 8]
+    accepts = {(p, PORT): 10 for p in old} | {(p, PORT): 5 for p in new}
+    spans = {(p, PORT): (100, 800_000_000) for p in old} | {(p, PORT): (900_000_000, 990_000_000)
+                                                            for p in new}
+    born = dict.fromkeys(new, 200_000_000) | dict.fromkeys(old, -5_000_000_000)
+    t.update(accepts, {PORT: new}, new, 1_000_000_000, spans, born)
+    live = t.ports[PORT].to_doc()["live_workers"]
+    assert live["min"] == 4 and live["max"] == 8, live
+    # Without the fork times: only accept spans, a gap between 0.8 and 0.9 s.
+    t2 = ShareTracker(0, alive=old)
+    t2.update(accepts, {PORT: new}, new, 1_000_000_000, spans)
+    assert t2.ports[PORT].to_doc()["live_workers"]["min"] == 1
+
+
 def test_folding_keeps_totals() -> None:
     ps = PortShares()
     for i in range(1, 401):
