@@ -125,23 +125,11 @@ class ApacheThreaded(Apache):
                    lambda: f"{self.name} graceful-stop: still running, children {children(self.master_pid)}")
 
 
-_PREFORK_LIMITS = """\
-StartServers {workers}
-MinSpareServers {workers}
-MaxSpareServers {workers}
-ServerLimit {limit}
-MaxRequestWorkers {workers}
-MaxConnectionsPerChild 0
-GracefulShutdownTimeout 10
-"""
-
-
 def start_apache_threaded(mpm: str = "event", workers: int = 2, threads: int = 4,
                           timeout_s: float = 20.0) -> ApacheThreaded:
-    """Debian's apache2 with the event or worker MPM: `workers` children of `threads` threads each; or
-    "prefork" (one thread per child; the same graceful helpers)."""
-    if mpm not in ("event", "worker", "prefork"):
-        raise ValueError(f"unknown MPM {mpm!r}")
+    """Debian's apache2 with the event or worker MPM: `workers` children of `threads` threads each."""
+    if mpm not in ("event", "worker"):
+        raise ValueError(f"unknown threaded MPM {mpm!r}")
 
     def make(ports: list[int]) -> LogServer:
         workdir = Path(tempfile.mkdtemp(prefix=f"accept-watch-apache-{mpm}-"))
@@ -151,13 +139,9 @@ def start_apache_threaded(mpm: str = "event", workers: int = 2, threads: int = 4
         (workdir / "htdocs" / "index.html").write_text("ok\n")
         conf = workdir / "apache2.conf"
         # ServerLimit leaves room for a graceful restart's second generation.
-        text = _APACHE_THREADED_CONF.format(
+        conf.write_text(_APACHE_THREADED_CONF.format(
             dir=workdir, mods=APACHE_MODULES, port=ports[0], mpm=mpm, workers=workers, threads=threads,
-            limit=2 * workers, total=workers * threads)
-        if mpm == "prefork":
-            limits = _PREFORK_LIMITS.format(workers=workers, limit=2 * workers)
-            text = text[: text.index("StartServers")] + limits
-        conf.write_text(text)
+            limit=2 * workers, total=workers * threads))
         proc = _spawn([APACHE, "-f", str(conf), "-D", "FOREGROUND"], workdir)
         return ApacheThreaded(proc, workdir, ports, mpm, workers)
 

@@ -241,10 +241,10 @@ def _nginx_binary_upgrade(tmp: Path) -> Run:
                known=gt.from_membership(first, state.get("final", [])))
 
 
-def _apache_graceful(tmp: Path, mpm: str = "event") -> Run:
-    """Apache, SIGUSR1 (apachectl -k graceful) under load: a new generation of children, the old ones
-    finish their connections and exit."""
-    srv = start_apache_threaded(mpm, N, threads=2)
+def _apache_graceful(tmp: Path) -> Run:
+    """Apache event MPM, SIGUSR1 (apachectl -k graceful) under load: a new generation of children, the
+    old ones finish their connections and exit."""
+    srv = start_apache_threaded("event", N, threads=2)
     first = srv.worker_pids()
     state: dict[str, Any] = {}
 
@@ -288,7 +288,6 @@ SCENARIOS: dict[str, Callable[[Path], Run]] = {
     "nginx-reload": _nginx_reload,
     "nginx-binary-upgrade": _nginx_binary_upgrade,
     "apache-graceful": _apache_graceful,
-    "apache-prefork-graceful": lambda tmp: _apache_graceful(tmp, "prefork"),
     "uvicorn-kill-worker": _uvicorn_kill_worker,
 }
 
