@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import sockdiag
+from . import sockdiag, target
 
 TCP_LISTEN = 0x0A  # include/net/tcp_states.h
 
@@ -504,12 +504,19 @@ def discover(master_pid: int) -> Topology:
     """The master, all its descendants and the listening TCP sockets they hold."""
     if master_pid <= 0:
         raise DiscoveryError(f"no process with pid {master_pid}")
+    try:
+        target.check_master(master_pid)
+    except target.TargetError as exc:
+        raise DiscoveryError(str(exc)) from None
     topo = _scan(master_pid)
     if not topo.listeners:
         n = len(topo.processes) - 1
+        unix = target.unix_listeners(sorted(topo.processes))
+        only = (f" (only {unix} listening unix socket{'' if unix == 1 else 's'}: accept-watch counts TCP "
+                "accepts, so there is nothing to count)") if unix else ""
         raise DiscoveryError(
             f"pid {master_pid} ({_short(topo.master_cmdline)}) and its {n} descendant{'' if n == 1 else 's'} "
-            "hold no listening TCP socket"
+            f"hold no listening TCP socket{only}"
         )
     return topo
 

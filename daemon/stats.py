@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from accept_watch import __version__
 from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
@@ -298,7 +300,14 @@ class Aggregator:
         for port, pids in by_port.items():
             by_port[port] = {p for p in pids if p in self._workers and self._workers[p].role == "worker"}
         alive = {pid for pid, w in self._workers.items() if w.alive}
-        self._shares.update(accepts, by_port, alive, now, spans)
+        # psutil's create_time is boot time + the start ticks since boot; back to ticks (10 ms), then from
+        # CLOCK_BOOTTIME to CLOCK_MONOTONIC (the probes' clock): the wall clock's whole-second boot time
+        # would shift every start by up to a second.
+        boot_s = psutil.boot_time()
+        offset_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+        born = {pid: int((w.create_time - boot_s) * 1e9) - offset_ns for pid, w in self._workers.items()
+                if w.create_time is not None}
+        self._shares.update(accepts, by_port, alive, now, spans, born)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():
