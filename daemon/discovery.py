@@ -425,8 +425,21 @@ def resolve_master(pid: int) -> tuple[int, str | None]:
         master = parent
     if master == pid:
         return pid, None
+    if _has_listening_child(pid, rows, ports):
+        # A master itself (its children serve the same sockets): the new generation of a binary
+        # upgrade or a USR2 re-exec, still a child of the old master until that one exits.
+        return master, (f"pid {pid} is a master started by pid {master} (a new generation sharing its "
+                        f"listening socket, as in a binary upgrade): watching both from pid {master}")
     return master, (f"pid {pid} is a worker of pid {master}, which holds the same listening socket: "
                     f"watching the server from pid {master}")
+
+
+def _has_listening_child(pid: int, rows: list[TcpRow], ports: set[int]) -> bool:
+    try:
+        children = psutil.Process(pid).children()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(_listening_ports(child.pid, rows) & ports for child in children[:256])
 
 
 def find_holders(inodes: Iterable[int]) -> dict[int, set[int]]:
