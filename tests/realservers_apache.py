@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from accept_watch.daemon.demo import current_syscall, waiting_syscalls
+from demo.gunicorn import current_syscall, waiting_syscalls
 from tests.realservers import (
     APACHE,
     APACHE_MODULES,
