@@ -119,6 +119,7 @@ class Aggregator:
         history_points: int = 300,
         max_events: int = 1000,
         max_transitions: int = 16384,
+        exited_retention_s: float | None = None,
     ) -> None:
         self.probe = probe
         self.probe_detail = probe_detail
@@ -130,6 +131,8 @@ class Aggregator:
         self.clock = ClockMap(wall_clock, mono_clock)
         self._lookup = process_lookup
         self._max_exited = max_exited
+        # serve: an exited worker's record is folded away this long after it was seen gone
+        self._retention_ns = None if exited_retention_s is None else int(exited_retention_s * _NS)
         self._max_transitions = max_transitions
         self._lock = threading.RLock()
         self._hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -413,7 +416,24 @@ class Aggregator:
         while self._rate_history and self._rate_history[0][0] <= t - HISTORY_S:
             self._rate_history.popleft()
 
+    def evicted_pids(self) -> set[int]:
+        """Folded-away pids whose kernel counters are still remembered (to tell them from new ones)."""
+        with self._lock:
+            return set(self._evicted)
+
+    def forget_evicted(self, pids: Set[int]) -> None:
+        """The kernel entries of these folded-away pids were deleted: a new process with one of these
+        pids starts from zero (no baseline to subtract)."""
+        with self._lock:
+            for pid in pids:
+                self._evicted.pop(pid, None)
+
     def _evict(self) -> None:
+        if self._retention_ns is not None and self._last_ns is not None:
+            horizon = self._last_ns - self._retention_ns
+            for w in [w for w in self._workers.values()
+                      if not w.alive and w.exited_ns is not None and w.exited_ns <= horizon]:
+                self._retire(w)
         exited = [w for w in self._workers.values() if not w.alive]
         if len(exited) > self._max_exited:
             exited.sort(key=lambda w: (w.exited_ns or 0, w.pid))
