@@ -123,15 +123,19 @@ def from_flag(kind: str, text: str) -> TargetSpec:
 
 def load_config(path: str) -> ServeConfig:
     """The TOML file: top-level settings and [[target]] tables. Read bounded; a regular file only."""
-    p = Path(path)
     try:
-        with open(p, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise SpecError(f"{clean(path[:200])}: not a regular file")
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        # O_NONBLOCK: a FIFO named as the config must not hang the daemon's start (refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise SpecError(f"cannot read {clean(path[:200])}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SpecError(f"{clean(path[:200])}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise SpecError(f"cannot read {clean(path[:200])}: {exc.strerror or exc}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise SpecError(f"{clean(path[:200])}: larger than {MAX_CONFIG_BYTES // 1024} KiB")
     try:
