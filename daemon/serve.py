@@ -369,12 +369,6 @@ class Serve:
         return [(t.name, t.up, t.aggregator.document() if t.aggregator else None)  # type: ignore[misc]
                 for t in targets]
 
-    def snapshot(self) -> dict[str, Any]:  # DashboardServer's DashboardSource shape
-        return {"targets": self.target_list()}
-
-    def recent_events(self, limit: int = 100) -> list[dict[str, Any]]:
-        return []
-
     def daemon_counters(self) -> dict[str, float]:
         return dict(self.counters)
 

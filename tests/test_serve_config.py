@@ -190,3 +190,41 @@ def test_families_merge_into_one_per_name() -> None:
     two.add_metric(["b"], 2)
     (fam,) = merged([one, two])
     assert [(s.labels["server"], s.value) for s in fam.samples] == [("a", 1), ("b", 2)]
+
+
+class _Source:
+    def target_list(self) -> list[dict]:
+        return [{"server": "web", "up": True}]
+
+    def document(self, name: str) -> dict | None:
+        return {"server": "web", "total_accepts": 3, "workers": []} if name == "web" else None
+
+    def metric_documents(self) -> list[tuple[str, bool, dict | None]]:
+        doc = {"total_accepts": 3, "workers": [{"pid": 7, "alive": True, "role": "worker", "accepts": 3}]}
+        return [("web", True, doc), ("db", False, None)]
+
+    def daemon_counters(self) -> dict[str, float]:
+        return {"pruned_workers": 2}
+
+
+def test_serve_app_routes_and_token() -> None:
+    from accept_watch.dashboard.serveapp import create_serve_app
+    from fastapi.testclient import TestClient
+
+    app = create_serve_app(_Source(), token="sekrit", allowed_hosts={"*"})
+    client = TestClient(app)
+    auth = {"authorization": "Bearer sekrit"}
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/healthz").status_code == 200
+    text = client.get("/metrics", headers=auth).text
+    assert 'accept_watch_worker_accepts_total{pid="7",server="web"} 3.0' in text
+    assert 'accept_watch_target_up{server="db"} 0.0' in text
+    assert "accept_watch_pruned_workers_total 2.0" in text
+    assert text.count("# TYPE accept_watch_target_up gauge") == 1 and "process_cpu_seconds_total" in text
+    assert client.get("/api/targets", headers=auth).json() == {"targets": [{"server": "web", "up": True}]}
+    assert client.get("/api/targets/web", headers=auth).json()["total_accepts"] == 3
+    assert client.get("/api/targets/nope", headers=auth).status_code == 404
+    assert client.post("/metrics", headers=auth).status_code == 405
+    loopback = TestClient(create_serve_app(_Source(), token=None, allowed_hosts={"testserver"}))
+    assert loopback.get("/api/targets").status_code == 200
+    assert loopback.get("/api/targets", headers={"host": "evil.example"}).status_code == 400
