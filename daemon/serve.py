@@ -191,24 +191,32 @@ class Serve:
         next_resolve = now + self.opts.resolve_every
         next_export = now + EXPORT_EVERY_S
         next_prune = now + min(PRUNE_EVERY_S, self.opts.retention)
-        while not stop.is_set():
-            stop.wait(self.opts.interval)
-            now = time.monotonic()
-            snapshot = probes.snapshot()
-            backstop.check(now)
-            self._tick(snapshot, now, backstop.to_doc())
-            if now >= next_resolve:
-                self._resolve_down()
-                self._assign_owners(snapshot, retry=True)
-                next_resolve = now + self.opts.resolve_every
-            if now >= next_prune:
-                self._prune(probes)
-                next_prune = now + min(PRUNE_EVERY_S, self.opts.retention)
-            if self.opts.export_dir is not None and now >= next_export:
-                self._export(final=False)
-                next_export = now + EXPORT_EVERY_S
-        # Final read so nothing counted in the last interval is lost.
-        self._tick(probes.snapshot(), time.monotonic(), backstop.to_doc())
+        from accept_watch.probes.kernel import ProbeError
+
+        try:
+            while not stop.is_set():
+                stop.wait(self.opts.interval)
+                now = time.monotonic()
+                snapshot = probes.snapshot()
+                backstop.check(now)
+                self._tick(snapshot, now, backstop.to_doc())
+                if now >= next_resolve:
+                    self._resolve_down()
+                    self._assign_owners(snapshot, retry=True)
+                    next_resolve = now + self.opts.resolve_every
+                if now >= next_prune:
+                    self._prune(probes)
+                    next_prune = now + min(PRUNE_EVERY_S, self.opts.retention)
+                if self.opts.export_dir is not None and now >= next_export:
+                    self._export(final=False)
+                    next_export = now + EXPORT_EVERY_S
+            # Final read so nothing counted in the last interval is lost.
+            self._tick(probes.snapshot(), time.monotonic(), backstop.to_doc())
+        except ProbeError:
+            # The maps cannot be read any more: keep what was measured up to the last good read.
+            if self.opts.export_dir is not None:
+                self._export(final=True)
+            raise
         ok = self._export(final=True) if self.opts.export_dir is not None else True
         say(f"stopping: {sum(t.up for t in self.targets)} of {len(self.targets)} targets up; "
             f"{sum(self._total(t) for t in self.targets)} accepts counted")
@@ -229,6 +237,8 @@ class Serve:
                     t.tick(part, now, depths, own_netns)
                 except discovery.DiscoveryError as exc:  # e.g. a process we may not read: keep going
                     t.note_once(f"target {t.label()}: {exc}")
+                except Exception as exc:  # one target's failure must not stop the others: said, once
+                    t.note_once(f"target {t.label()}: update skipped: {type(exc).__name__}: {exc}")
                 if t.aggregator is not None:
                     t.aggregator.backstop = backstop_doc
 
