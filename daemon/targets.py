@@ -177,10 +177,16 @@ class Target:
         self.k.owners[pid] = self
 
     def release(self, pids: Iterable[int]) -> None:
+        """Pids whose kernel entries were deleted: forgotten here too (ownership, sampled wait modes:
+        session mode keeps up to 4096 exited ones, a daemon under churn should not)."""
+        modes = self._wait_modes
         for pid in pids:
             self.pids.discard(pid)
             if self.k.owners.get(pid) is self:
                 del self.k.owners[pid]
+            if modes is not None:
+                modes._raw.pop(pid, None)
+                modes._ppid.pop(pid, None)
 
     # -- one read of the kernel counters ----------------------------------------------------------
     def tick(self, snapshot: KernelSnapshot, now: float, depths_here: Mapping[int, int] | None,
