@@ -12,8 +12,6 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-import psutil
-
 from . import discovery, sockdiag, units
 from .targetspec import TargetSpec
 
@@ -89,8 +87,19 @@ def resolve(spec: TargetSpec, exclude: Callable[[int], bool] = _own) -> int | No
     if spec.kind == "port":
         return _serving_master(tops(port_holders(int(spec.value))), exclude)
     if spec.kind == "match":
-        return _serving_master(tops(matching(str(spec.value))), exclude)
+        found = {p for p in matching(str(spec.value)) if not exclude(p)}
+        # Processes holding a listening socket first: a regex also matches shells, editors, greps...
+        inodes = {lst.inode for lst in _listeners()}
+        holding = {p for p in found if _holds(p, inodes)}
+        return _serving_master([*tops(holding), *(p for p in tops(found) if p not in holding)], exclude)
     raise ValueError(f"unknown target kind {spec.kind!r}")
+
+
+def _holds(pid: int, inodes: set[int]) -> bool:
+    try:
+        return bool(discovery.socket_inodes(pid) & inodes)
+    except discovery.DiscoveryError:
+        return False
 
 
 def check_unit(spec: TargetSpec) -> None:
@@ -149,9 +158,3 @@ def scan_all(owned: Mapping[int, object], exclude: Callable[[int], bool] = _own)
             masters.append(master)
     return masters
 
-
-def command_of(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())[:MAX_CMDLINE]
-    except (psutil.Error, OSError):
-        return ""

@@ -123,6 +123,21 @@ def test_all_picks_up_a_server_started_later(tmp_path: Path) -> None:
     assert f"target gunicorn:{srv.port}: up, generation 1" in run.stderr()
 
 
+def test_match_finds_the_server_not_the_daemon(tmp_path: Path) -> None:
+    """--match: the regex also matches accept-watch's own command line (it holds a listening socket
+    too, its HTTP port): the server is found, never the daemon."""
+    tag = f"aw-match-{os.getpid()}"
+    web = free_port()
+    with servers.start_gunicorn(workers=2, extra_args=["--name", tag]) as srv:
+        run = start_serve(tmp_path, "--match", f"m=--name {tag}", web=web)
+        try:
+            assert run.targets()["m"]["master_pid"] == srv.master_pid, run.targets()
+            assert servers.run_clients(srv.port, 25).ok == 25
+            wait_for(lambda: run.value("accept_watch_accepts_total", server="m") == 25, 10, run.stderr)
+        finally:
+            assert run.stop() == 0, run.stderr()
+
+
 def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
     web, port = free_port(), free_port()
     pidfile = tmp_path / "small.pid"
