@@ -111,7 +111,8 @@ class Target:
         if time.monotonic() - self.down_since > SUCCESSOR_WINDOW_S:
             return False
         pid = discovery.find_successor(self.last)
-        return pid is not None and pid not in self.k.owners and self.adopt(pid, "holds the same sockets")
+        return (pid is not None and self.k.owners.get(pid) in (None, self)  # a USR2 master is our child
+                and self.adopt(pid, "holds the same sockets"))
 
     def adopt(self, master: int, how: str) -> bool:
         try:

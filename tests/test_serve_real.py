@@ -138,6 +138,27 @@ def test_match_finds_the_server_not_the_daemon(tmp_path: Path) -> None:
             assert run.stop() == 0, run.stderr()
 
 
+def test_usr2_upgrade_is_the_same_target(tmp_path: Path) -> None:
+    """gunicorn USR2 then TERM of the old master: the new master holds the same sockets and becomes the
+    target's next generation; every connection of both generations counted."""
+    from tests.realservers_py import start_gunicorn_server
+
+    web = free_port()
+    with start_gunicorn_server(workers=2) as s:
+        run = start_serve(tmp_path, "--pid", f"g={s.master_pid}", web=web)
+        try:
+            assert servers.run_clients(s.port, 20).ok == 20
+            s.usr2()
+            s.term_old_master()
+            wait_for(lambda: _up(run, "g", 2), 15, run.stderr)
+            assert servers.run_clients(s.port, 30).ok == 30
+            wait_for(lambda: run.value("accept_watch_accepts_total", server="g") == 50, 10, run.stderr)
+            assert len(s.records()) == 50
+        finally:
+            assert run.stop() == 0, run.stderr()
+    assert "holds the same sockets" in run.stderr()
+
+
 def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
     web, port = free_port(), free_port()
     pidfile = tmp_path / "small.pid"
