@@ -9,6 +9,7 @@ reused as they are (daemon/watch.py: TreeCheck, WaitModes, BlockedSampler, the e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -133,6 +134,14 @@ class Target:
         first = self.aggregator is None
         self.generation += 1
         self._take(topology)
+        # A worker forked between the scan and the kernel tracking its parent is followed by neither
+        # (a server found while it starts: --all, a restart): a second scan, now that the tree is
+        # tracked, finds it; later forks the kernel follows itself.
+        with contextlib.suppress(discovery.DiscoveryError):
+            again = discovery.refresh(topology)
+            if set(again.processes) - set(topology.processes):
+                topology = again
+                self._take(topology)
         if first:
             self.aggregator = Aggregator(topology, probe=self.k.probe, probe_detail=self.k.probe_detail,
                                          kernel=os.uname().release, exited_retention_s=self.k.retention_s)

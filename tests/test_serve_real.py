@@ -170,6 +170,8 @@ def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
         for i in range(1, 21):
             with servers.start_gunicorn(workers=1, port=port, extra_args=["--pid", str(pidfile)]) as srv:
                 wait_for(lambda i=i: _up(run, "small", i), 15, run.stderr)
+                # and read once with it (a generation shorter than one read is counted, not listed)
+                wait_for(lambda srv=srv: run.document("small")["master_pid"] == srv.master_pid, 5, run.stderr)
                 assert servers.run_clients(port, 5).ok == 5
             totals.update(srv.ground_truth())
             rss.append(run.rss_bytes())
@@ -183,7 +185,7 @@ def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
                  lambda: str([(w["pid"], w["alive"]) for w in run.document("small")["workers"]]))
         doc = run.document("small")
         assert doc["total_accepts"] == 100 and doc["unattributed"] == 0
-        assert doc["diagnostics"]["evicted_workers"] >= 40  # 20 masters and 20 workers
+        assert doc["diagnostics"]["evicted_workers"] >= len(totals)  # every worker that accepted, at least
         assert len(doc["masters"]) == 20
         assert (run.value("accept_watch_pruned_workers_total") or 0) >= 20
         assert run.value("accept_watch_target_up", server="small") == 0

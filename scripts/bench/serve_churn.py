@@ -82,6 +82,7 @@ def run(duration: float, sample: float, gunicorn_rate: float, nginx_rate: float,
         "counted": {k: d["total_accepts"] for k, d in final.items()}, "truth": truth,
         "unattributed": {k: d["unattributed"] for k, d in final.items()},
         "exact": all(final[k]["total_accepts"] == truth[k] for k in truth),
+        "loadavg_at_end": os.getloadavg(),
     }
 
 
@@ -100,6 +101,10 @@ def render(result: dict) -> str:
     ]
     lines += [f"| {x['t_s']} | {x['rss_mb']} | {x['anon_mb']} | {x['pid_series']} | {x['worker_records']} | "
               f"{x['accepts']} | {x['evicted_workers']} | {x['pruned']:g} |" for x in s]
+    if "loadavg_at_end" in result:
+        lines += ["", f"Load average at the end: {', '.join(f'{x:.1f}' for x in result['loadavg_at_end'])} "
+                  f"on {os.cpu_count()} CPUs (on a shared machine RSS includes library pages others map; "
+                  "anon is the daemon's own)."]
     return "\n".join(lines) + "\n"
 
 
