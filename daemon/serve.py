@@ -74,6 +74,7 @@ class Serve:
         self.targets: list[Target] = []
         self.counters = {"pruned_workers": 0, "refused_targets": 0, "unowned_workers": 0}
         self._unowned: dict[int, None] = {}  # counted pids no target could be given (bounded)
+        self._refused: dict[int, None] = {}  # --all masters over the target cap, said once
         self._probes: Any = None
         self._pending_track: set[int] = set()
         self._pending_ports: set[int] = set()
@@ -306,8 +307,10 @@ class Serve:
             if existing is not None:
                 name = f"{name}-{master}"[:64]  # a second server of the same command and port
             if len(self.targets) >= self.opts.max_targets:
-                self.counters["refused_targets"] += 1
-                say(f"not watching {name} (master {master}): {self.opts.max_targets} targets already")
+                if master not in self._refused and len(self._refused) < 4096:  # said and counted once
+                    self._refused[master] = None
+                    self.counters["refused_targets"] += 1
+                    say(f"not watching {name} (master {master}): {self.opts.max_targets} targets already")
                 continue
             t = Target(None, name, self.kernel, dynamic=True)
             if t.adopt(master, "found by --all"):

@@ -106,7 +106,7 @@ def test_gunicorn_and_nginx_through_restart_and_return(tmp_path: Path) -> None:
 
 def test_all_picks_up_a_server_started_later(tmp_path: Path) -> None:
     web = free_port()
-    run = start_serve(tmp_path, "--all", "--resolve-every", "1", web=web)
+    run = start_serve(tmp_path, "--all", "--resolve-every", "1", "--retention", "2", web=web)
     try:
         with servers.start_gunicorn(workers=2) as srv:
             name = f"gunicorn:{srv.port}"
@@ -117,10 +117,30 @@ def test_all_picks_up_a_server_started_later(tmp_path: Path) -> None:
             truth = srv.ground_truth()
             assert {p: v for p, v in _pid_series(run, name).items() if p != "exited"} == \
                 {str(p): float(c) for p, c in truth.items()}
+        # Gone for longer than the retention time: an --all target is dropped, its series end.
+        wait_for(lambda: name not in run.targets(), 20, run.stderr)
+        assert run.value("accept_watch_accepts_total", server=name) is None
     finally:
         code = run.stop()
     assert code == 0, run.stderr()
-    assert f"target gunicorn:{srv.port}: up, generation 1" in run.stderr()
+    assert f"target {name}: up, generation 1" in run.stderr()
+    assert f"target {name}: down for 2 s, no longer watched" in run.stderr()
+
+
+def test_all_over_the_target_cap_is_refused_once(tmp_path: Path) -> None:
+    web = free_port()
+    run = start_serve(tmp_path, "--pidfile", f"{tmp_path}/none.pid", "--all", "--max-targets", "1",
+                      "--resolve-every", "0.5", web=web)
+    try:
+        with servers.start_gunicorn(workers=2) as srv:
+            line = f"not watching gunicorn:{srv.port} (master {srv.master_pid}): 1 targets already"
+            wait_for(lambda: line in run.stderr(), 20, run.stderr)
+            time.sleep(1.5)  # three more scans
+            assert run.stderr().count(line) == 1
+            assert list(run.targets()) == ["none"]
+            assert (run.value("accept_watch_refused_targets_total") or 0) >= 1
+    finally:
+        assert run.stop() == 0, run.stderr()
 
 
 def test_match_finds_the_server_not_the_daemon(tmp_path: Path) -> None:
