@@ -228,3 +228,28 @@ def test_serve_app_routes_and_token() -> None:
     loopback = TestClient(create_serve_app(_Source(), token=None, allowed_hosts={"testserver"}))
     assert loopback.get("/api/targets").status_code == 200
     assert loopback.get("/api/targets", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_exited_workers_are_folded_after_the_retention_time() -> None:
+    """serve's retention (stats.Aggregator exited_retention_s): a worker that exited keeps its own record
+    until the retention time has passed, then its accepts move into the exited figures (the total never
+    changes), and once its kernel entry is deleted (forget_evicted) a new process with its pid starts
+    from zero."""
+    from tests.test_stats import START, counts_snap, make, topo, workers_by_pid
+
+    s = 1_000_000_000
+    agg, _clock = make(topo([101, 102]), exited_retention_s=5)
+    agg.update(counts_snap(START + s, {101: 4, 102: 6}), topo([101, 102]), {}, alive={100, 101, 102})
+    agg.update(counts_snap(START + 2 * s, {101: 4, 102: 6}), topo([101]), {}, alive={100, 101})
+    doc = agg.document()
+    assert workers_by_pid(doc)[102]["alive"] is False and doc["total_accepts"] == 10
+    agg.update(counts_snap(START + 6 * s, {101: 4, 102: 6}), topo([101]), {}, alive={100, 101})
+    assert 102 in workers_by_pid(agg.document())  # 4 s after its exit: kept
+    agg.update(counts_snap(START + 8 * s, {101: 4, 102: 6}), topo([101]), {}, alive={100, 101})
+    doc = agg.document()
+    assert 102 not in workers_by_pid(doc) and doc["total_accepts"] == 10
+    assert doc["diagnostics"]["evicted_accepts"] == 6 and agg.evicted_pids() == {102}
+    agg.forget_evicted({102})  # its kernel counter was deleted; pid 102 is reused by a new worker
+    agg.update(counts_snap(START + 9 * s, {101: 4, 102: 2}), topo([101, 102]), {}, alive={100, 101, 102})
+    doc = agg.document()
+    assert workers_by_pid(doc)[102]["accepts"] == 2 and doc["total_accepts"] == 12
