@@ -116,6 +116,7 @@ class Aggregator:
         history_points: int = 300,
         max_events: int = 1000,
         max_transitions: int = 16384,
+        exited_retention_s: float | None = None,
     ) -> None:
         self.probe = probe
         self.probe_detail = probe_detail
@@ -127,6 +128,8 @@ class Aggregator:
         self.clock = ClockMap(wall_clock, mono_clock)
         self._lookup = process_lookup
         self._max_exited = max_exited
+        # serve: an exited worker's record is folded away this long after it was seen gone
+        self._retention_ns = None if exited_retention_s is None else int(exited_retention_s * _NS)
         self._max_transitions = max_transitions
         self._lock = threading.RLock()
         # The document changes only with update(): the terminal, the export, every dashboard push and
@@ -393,7 +396,24 @@ class Aggregator:
 
         self._rates.add(now, deltas)
 
+    def evicted_pids(self) -> set[int]:
+        """Folded-away pids whose kernel counters are still remembered (to tell them from new ones)."""
+        with self._lock:
+            return set(self._evicted)
+
+    def forget_evicted(self, pids: Set[int]) -> None:
+        """The kernel entries of these folded-away pids were deleted: a new process with one of these
+        pids starts from zero (no baseline to subtract)."""
+        with self._lock:
+            for pid in pids:
+                self._evicted.pop(pid, None)
+
     def _evict(self) -> None:
+        if self._retention_ns is not None and self._last_ns is not None:
+            horizon = self._last_ns - self._retention_ns
+            for w in [w for w in self._workers.values()
+                      if not w.alive and w.exited_ns is not None and w.exited_ns <= horizon]:
+                self._retire(w)
         exited = [w for w in self._workers.values() if not w.alive]
         if len(exited) > self._max_exited:
             exited.sort(key=lambda w: (w.exited_ns or 0, w.pid))
