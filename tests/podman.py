@@ -81,7 +81,9 @@ def start_gunicorn_in_container(image: str, tmp: Path, workers: int = 4, host_ns
     name = f"aw-test-{uuid.uuid4().hex[:12]}"
     args = ["run", "-d", "--name", name,
             "-v", f"{REPO / 'tests' / 'apps'}:/app:ro", "-v", f"{record_dir}:/records",
-            "-v", f"{ready_dir}:/ready", "-v", f"{conf}:/conf:ro", "-e", "PIDAPP_RECORD_DIR=/records"]
+            "-v", f"{ready_dir}:/ready", "-v", f"{conf}:/conf:ro", "-e", "PIDAPP_RECORD_DIR=/records",
+            # pidapp is the demo app plus its record hook: the demo package goes in beside it.
+            "-v", f"{REPO / 'demo'}:/pkgs/demo:ro", "-e", "PYTHONPATH=/pkgs"]
     args += ["--pid=host", "--net=host"] if host_ns else ["-p", "127.0.0.1::8000"]
     bind = "127.0.0.1:0" if host_ns else "0.0.0.0:8000"
     # Debian's python3-gunicorn has the module; the `gunicorn` script is in the separate gunicorn package.
