@@ -198,12 +198,17 @@ def _spans(entry: Mapping[str, Any], where: str) -> dict[int, tuple[float, float
     return out
 
 
+def may_compete(w: Mapping[str, Any]) -> bool:
+    """A worker (role from evidence; the model's default) or any process that did accept."""
+    accepts = w.get("accepts")
+    return w.get("role", "worker") == "worker" or (isinstance(accepts, int | float) and accepts > 0)
+
+
 def competing_pids(workers: Iterable[Mapping[str, Any]]) -> list[int]:
     """Who the accepts are shared by now - the one rule every view's fair share comes from: the live
     workers (roles from evidence, daemon/roles.py; masters and helpers never compete) and any process
     that did accept; once none is alive, every one of them."""
-    ws = [w for w in workers if isinstance(w, Mapping) and isinstance(w.get("pid"), int)
-          and (w.get("role", "worker") == "worker" or (w.get("accepts") or 0) > 0)]
+    ws = [w for w in workers if isinstance(w, Mapping) and isinstance(w.get("pid"), int) and may_compete(w)]
     live = [w for w in ws if w.get("alive", True)]
     return sorted(w["pid"] for w in (live or ws))
 

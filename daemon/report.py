@@ -28,10 +28,11 @@ from accept_watch.probes.records import degraded_lines
 from . import analysis
 from .document import SCHEMA_ID, Document, DocumentError
 from .export import ExportError, check_writable, write_text_atomic
-from .report_html import flag_messages, fmt_p, fmt_span, render_html
+from .fmt import fmt_duration, fmt_fig, fmt_int, fmt_p, fmt_span, fmt_us
+from .report_html import flag_messages, render_html
 from .safefile import kind, reason
 from .sanitize import clean, clean_doc
-from .terminal import fmt_duration, fmt_us, share_bar
+from .terminal import share_bar
 
 SCHEMA = SCHEMA_ID
 # Keys the daemon always writes and the report cannot do without (the model's required top-level keys).
@@ -195,16 +196,16 @@ def _wrap(text: str, width: int, indent: str) -> list[str]:
                          subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
 
-def _f3(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3g}"
+def _f3(v: float | None) -> str:  # the text report is ASCII: "-", not the HTML's "–"
+    return fmt_fig(v, missing="-")
 
 
 def _p(p: float | None) -> str:
-    return "-" if p is None else fmt_p(p)
+    return fmt_p(p, missing="-")
 
 
 def _n(v: int | None) -> str:
-    return "-" if v is None else f"{v:,}"
+    return fmt_int(v, missing="-")
 
 
 def summary(doc: Mapping[str, Any], result: Mapping[str, Any], width: int = 100, ansi: bool = False,

@@ -12,6 +12,7 @@ from typing import Any
 from accept_watch.probes.histogram import nearest_rank, span_mid
 
 from .analysis import MATERIAL_SHARE, inflight_flagged
+from .fmt import fmt_fig, fmt_ns, fmt_pct
 from .report_svg import (
     BINS_PER_DECADE,
     BLUE,
@@ -30,16 +31,13 @@ from .report_svg import (
     _Area,
     _e,
     _empty_svg,
-    _fig,
     _hline,
     _label_every,
-    _pct,
     _rect,
     _svg,
     _text,
     _tick_label,
     _vline,
-    fmt_ns,
     log_ticks,
     nice_ticks,
 )
@@ -64,7 +62,7 @@ def _share_color(w: Mapping[str, Any], fair: float | None) -> str:
 def _worker_title(w: Mapping[str, Any]) -> str:
     role = " (master)" if w.get("role") == "master" else ""
     state = "" if w.get("alive", True) else ", exited"
-    share = _pct(float(w.get("share") or 0))
+    share = fmt_pct(float(w.get("share") or 0))
     return f"pid {w['pid']}{role}: {int(w.get('accepts') or 0):,} accepts, {share}{state}"
 
 
@@ -100,12 +98,12 @@ def _share_rows(ws: Sequence[Mapping[str, Any]], fair: float | None, ticks: list
         body.append(_text(area.x0 - 8, mid, name, "end", font_size=font))
         body.append(_rect(area.x0, y + row * 0.15, max(share * scale, 0.8), row * 0.7, _share_color(w, fair),
                           _worker_title(w)))
-        body.append(_text(area.x0 + share * scale + 6, mid, f"{int(w.get('accepts') or 0):,} · {_pct(share)}",
-                          font_size=font, fill=MUTED))
+        body.append(_text(area.x0 + share * scale + 6, mid,
+                          f"{int(w.get('accepts') or 0):,} · {fmt_pct(share)}", font_size=font, fill=MUTED))
     if fair:
         x = area.x0 + fair * scale
         body.append(_vline(x, area.y0 - 4, area.y1 + 6, RED, "5 3", 1.5))
-        body.append(_text(x, area.y1 + 22, f"fair share {_pct(fair)}", "middle", fill=RED))
+        body.append(_text(x, area.y1 + 22, f"fair share {fmt_pct(fair)}", "middle", fill=RED))
     return _svg("share", area.height, body, label)
 
 
@@ -140,7 +138,7 @@ def _share_columns(ws: Sequence[Mapping[str, Any]], fair: float | None, ticks: l
         y = area.y_lin(fair, ticks[-1])
         body.append(_hline(area.x0, area.x1, y, RED, "5 3", 1.5))
         # Above the plot: over 256 columns, a label on the line would sit on the bars.
-        body.append(_text(area.x1, area.y0 - 10, f"- - - fair share {_pct(fair)}", "end", fill=RED))
+        body.append(_text(area.x1, area.y0 - 10, f"- - - fair share {fmt_pct(fair)}", "end", fill=RED))
     return _svg("share", area.height, body, label)
 
 
@@ -229,7 +227,7 @@ def rate_plot(history: Sequence[Sequence[Any]]) -> tuple[str, str]:
     # Legend: each series' share of the accepts plotted (not of the whole run: history is bounded).
     widths = [b - a for a, b, _ in bins]
     legend = _legend(
-        (color, f"{name} · {_pct(sum(r * w for r, w in zip(rates, widths, strict=True)) / grand)}")
+        (color, f"{name} · {fmt_pct(sum(r * w for r, w in zip(rates, widths, strict=True)) / grand)}")
         for name, color, rates in series
     )
     return _svg("rate", area.height, body, label), legend
@@ -408,7 +406,7 @@ def inflight_plot(workers: Sequence[Mapping[str, Any]]) -> str | None:
         life = inf.get("life_ms") or {}
         tip = (f"pid {w['pid']}: up to {m} at once, {int(inf.get('busy_accepts') or 0):,} accepted while "
                f"busy, {int(inf.get('now') or 0)} open at the end, {int(inf.get('closed') or 0):,} closed, "
-               f"mean life {_fig(life.get('mean'))} ms")
+               f"mean life {fmt_fig(life.get('mean'))} ms")
         bw = min(cw - gap, 56.0)  # one or two workers: a bar, not a wall
         body.append(_rect(area.x0 + (i + 0.5) * cw - bw / 2, y, bw, area.y1 - y,
                           RED if inflight_flagged(inf) else BLUE, tip))

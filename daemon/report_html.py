@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .analysis import MATERIAL_SHARE, competitors, inflight_flagged
+from .fmt import fmt_duration, fmt_fig, fmt_int, fmt_p, fmt_pct, fmt_span
 from .report_charts import (  # noqa: F401 - also read through this module: the report's parts
     _bins,
     _legend,
@@ -35,17 +36,10 @@ from .report_svg import (  # noqa: F401 - also read through this module: the rep
     RED,
     TOP_N,
     _e,
-    _fig,
-    _int,
-    _pct,
     _us,
-    fmt_ns,
-    fmt_p,
-    fmt_span,
     log_ticks,
     nice_ticks,
 )
-from .terminal import fmt_duration
 
 CSS = """
 *{box-sizing:border-box}
@@ -121,9 +115,9 @@ def listener_table(listeners: Sequence[Mapping[str, Any]]) -> str:
         rows.append(
             f"<tr><td>{_e(endpoint)}{closed}</td><td>{_e(lst.get('family', ''))}</td>"
             f"<td>{_e(lst.get('mode'))}</td><td>{len(lst.get('pids') or [])}</td>"
-            f"<td>{_int(lst.get('accepts'))}</td>"
-            f"<td>{_int(q.get('current'))}</td><td{' class=hot' if near else ''}>{_int(mx)}</td>"
-            f"<td>{_int(limit)}</td><td>{_spark(lst.get('depth_history') or [], limit)}</td></tr>"
+            f"<td>{fmt_int(lst.get('accepts'))}</td>"
+            f"<td>{fmt_int(q.get('current'))}</td><td{' class=hot' if near else ''}>{fmt_int(mx)}</td>"
+            f"<td>{fmt_int(limit)}</td><td>{_spark(lst.get('depth_history') or [], limit)}</td></tr>"
         )
     head = ("<tr><th>listener</th><th>family</th><th>mode</th><th>processes</th><th>accepts</th>"
             "<th>queue now</th><th>queue max</th><th>limit</th><th>queue depth over time</th></tr>")
@@ -145,8 +139,8 @@ def worker_table(workers: Sequence[Mapping[str, Any]], fair: float | None) -> st
         hot = fair is not None and share >= fair * (1 + MATERIAL_SHARE)
         cells = [
             f"<td>{_e(w['pid'])}</td><td>{_e(w.get('role', 'worker'))}</td>"
-            f"<td>{_int(w.get('accepts'))}</td>"
-            f"<td style='{bar}'{' class=hot' if hot else ''}>{_pct(share)}</td>",
+            f"<td>{fmt_int(w.get('accepts'))}</td>"
+            f"<td style='{bar}'{' class=hot' if hot else ''}>{fmt_pct(share)}</td>",
             f"<td>{_us(q.get('p50'))}</td><td>{_us(q.get('p99'))}</td><td>{_us(q.get('max'))}</td>",
         ]
         if with_inflight:
@@ -154,8 +148,8 @@ def worker_table(workers: Sequence[Mapping[str, Any]], fair: float | None) -> st
             mean_life = (inf.get("life_ms") or {}).get("mean")
             flagged = bool(inf) and inflight_flagged(inf)
             cells.append(
-                f"<td{' class=hot' if flagged else ''}>{_int(inf.get('max'))}</td>"
-                f"<td>{_int(inf.get('busy_accepts'))}</td>"
+                f"<td{' class=hot' if flagged else ''}>{fmt_int(inf.get('max'))}</td>"
+                f"<td>{fmt_int(inf.get('busy_accepts'))}</td>"
                 f"<td>{'–' if mean_life is None else f'{mean_life:.3g} ms'}</td>"
             )
         cells.append(f"<td>{'alive' if w.get('alive', True) else 'exited'}</td>")
@@ -180,19 +174,19 @@ def _tile(value: str, caption: str, loud: bool = False) -> str:
 def _figures(fair: Mapping[str, Any]) -> str:
     df = fair.get("chi2_df")
     figs = [
-        (_fig(fair.get("jain")), "Jain's index (1 = even)"),
-        (_fig(fair.get("max_mean_ratio")), "max / mean (1 = even)"),
-        (_fig(fair.get("cv")), "coeff. of variation (0 = even)"),
+        (fmt_fig(fair.get("jain")), "Jain's index (1 = even)"),
+        (fmt_fig(fair.get("max_mean_ratio")), "max / mean (1 = even)"),
+        (fmt_fig(fair.get("cv")), "coeff. of variation (0 = even)"),
         (fmt_p(fair.get("chi2_p")), f"chi-square p vs even split{f' (df {df})' if df else ''}"),
-        (_fig(fair.get("gini")), "Gini (0 = even)"),
+        (fmt_fig(fair.get("gini")), "Gini (0 = even)"),
     ]
     out = "".join(f"<div><b>{_e(v)}</b><span>{_e(c)}</span></div>" for v, c in figs)
     windows = []
     for name, win in sorted((fair.get("windows") or {}).items()):
         if isinstance(win, dict) and win.get("jain") is not None:
-            windows.append(f"last {name[:-1]} s: Jain {_fig(win['jain'])}, "
-                           f"max/mean {_fig(win.get('max_mean_ratio'))}, p {fmt_p(win.get('chi2_p'))} "
-                           f"({_int(win.get('accepts'))} accepts)")
+            windows.append(f"last {name[:-1]} s: Jain {fmt_fig(win['jain'])}, "
+                           f"max/mean {fmt_fig(win.get('max_mean_ratio'))}, p {fmt_p(win.get('chi2_p'))} "
+                           f"({fmt_int(win.get('accepts'))} accepts)")
     extra = f"<p class='small muted'>{_e(' · '.join(windows))}</p>" if windows else ""
     return f"<div class='figs'>{out}</div>{extra}"
 
@@ -221,7 +215,7 @@ def render_html(doc: Mapping[str, Any], result: Mapping[str, Any], warnings: Seq
         _tile(f"{unattributed:,}", "UNATTRIBUTED – counts not exact" if unattributed else "unattributed",
               loud=unattributed > 0),
         _tile(f"{lost:,}", "LOST EVENTS (stream only)" if lost else "lost events", loud=lost > 0),
-        _tile(f"{_int(q_max)} / {_int(q_limit)}", "accept queue max / limit",
+        _tile(f"{fmt_int(q_max)} / {fmt_int(q_limit)}", "accept queue max / limit",
               loud=q_max is not None and bool(q_limit) and q_max >= 0.9 * q_limit),
         _tile(str(doc.get("probe")), "probe"),
     ]

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .fmt import fmt_ns
+
 PLOT_W = 1000
 PAD_L, PAD_R, PAD_T, PAD_B = 70, 24, 28, 48
 TOP_N = 8  # series in the rate plot before the rest are summed as "others"
@@ -32,47 +34,8 @@ def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
-def _int(v: Any) -> str:
-    return "–" if v is None else f"{int(v):,}"
-
-
-def _fig(v: float | None, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}g}"
-
-
-def fmt_p(p: float | None) -> str:
-    """A p-value: underflow to 0 is shown as a bound, not as an impossible exact 0."""
-    if p is None:
-        return "–"
-    if p == 0:
-        return "< 1e-300"
-    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
-
-
-def fmt_ns(ns: float | None) -> str:
-    if ns is None:
-        return "–"
-    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if ns >= scale:
-            return f"{ns / scale:.3g} {unit}"
-    return f"{ns:.3g} ns"
-
-
 def _us(us: float | None) -> str:
     return "–" if us is None else fmt_ns(us * 1000)
-
-
-def _pct(x: float) -> str:
-    return f"{x * 100:.1f} %" if x >= 0.001 or x == 0 else f"{x * 100:.2g} %"
-
-
-def fmt_span(started: Any, ended: Any, arrow: str = "→") -> str:
-    """'2026-11-27 01:48:27 → 01:49:08 UTC' from the document's UTC ISO-8601 times."""
-    start = str(started)[:19].replace("T", " ") if started else "?"
-    if not ended:
-        return f"{start} UTC {arrow} still running"
-    end = str(ended)[:19].replace("T", " ")
-    return f"{start} {arrow} {end[11:] if end[:10] == start[:10] else end} UTC"
 
 
 def _tick_label(v: float) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from accept_watch.probes.records import degraded_lines
 
 from .analysis import competitors, inflight_flagged
+from .fmt import fmt_duration, fmt_us
 from .sanitize import clean_doc
 
 _STYLES = {
@@ -47,27 +48,6 @@ def _emit(segments: list[Segment], width: int, ansi: bool) -> str:
         left -= len(piece)
         out.append(f"{_STYLES[style]}{piece}{_RESET}" if ansi and style else piece)
     return "".join(out).rstrip()
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{seconds:.1f}s"
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
-
-
-def fmt_us(us: float | None) -> str:
-    if us is None:
-        return "-"
-    if us < 1000:
-        return f"{us:.0f}us"
-    if us < 1_000_000:
-        return f"{us / 1000:.1f}ms"
-    return f"{us / 1_000_000:.2f}s"
 
 
 def _endpoint(lst: dict[str, Any]) -> str:

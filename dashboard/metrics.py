@@ -30,6 +30,8 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from accept_watch.daemon.analysis import may_compete
+
 from .metrics_containers import container_metrics
 from .metrics_losses import loss_metrics
 
@@ -173,8 +175,11 @@ def _workers(doc: Mapping) -> list[Mapping]:
 
 
 def _live(w: Mapping) -> bool:
-    """A live process that accepts or is a worker (a master that never accepted gets no series)."""
-    return w.get("alive") is True and (w.get("role") == "worker" or (_num(w.get("accepts")) or 0) > 0)
+    """A live process that accepts or is a worker (a master that never accepted gets no series).
+    The analysis' who-competes rule, live processes only: this decides which pids get a series (exited
+    ones are summed under pid="exited", so labels stay bounded), not the fair share, which falls back
+    to every worker once none is alive (analysis.competing_pids)."""
+    return w.get("alive") is True and may_compete(w)
 
 
 def worker_metrics(doc: Mapping, server: str) -> Iterable[Metric]:

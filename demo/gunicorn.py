@@ -1,6 +1,6 @@
 """A real gunicorn master and its workers for the demo, the tests and the benchmark: GunicornProcess
-(the one gunicorn launcher), plus the process helpers the other launchers share (spawn_with_pdeathsig,
-the syscall a worker waits in, log tails)."""
+(the one gunicorn launcher), plus the process helpers the other launchers share (the syscall a worker
+waits in, log tails; spawn_with_pdeathsig is demo/pdeathsig.py's)."""
 
 from __future__ import annotations
 
@@ -19,26 +19,14 @@ import psutil
 
 from accept_watch.daemon import procwait
 
+from .pdeathsig import spawn_with_pdeathsig
+
 WORKER_CLASSES: dict[str, str] = {
     "sync": "sync",
     # uvicorn (0.54 here) still ships its gunicorn worker; it warns that the separate uvicorn-worker
     # package is the future home. The class is the same either way.
     "uvicorn": "uvicorn.workers.UvicornWorker",
 }
-
-# Exec shim: the child asks the kernel to SIGTERM it if its parent thread dies (even by SIGKILL), then
-# becomes gunicorn. A killed test run or demo therefore leaves no gunicorn behind. PDEATHSIG survives
-# execve for non-setuid binaries.
-_PDEATHSIG_SHIM = (
-    "import ctypes, os, signal, sys\n"
-    "libc = ctypes.CDLL(None, use_errno=True)\n"
-    "if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:\n"  # 1 = PR_SET_PDEATHSIG
-    "    raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')\n"
-    "if os.getppid() != int(sys.argv[1]):\n"  # the parent died before prctl took effect
-    "    sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
 
 def current_syscall(pid: int) -> int | None:
     """The syscall number `pid` is blocked in (from /proc/PID/syscall), None if running or unknown."""
@@ -65,12 +53,6 @@ def _table() -> dict[int, str]:
         return procwait.syscall_table()
     except NotImplementedError as exc:
         raise RuntimeError(str(exc)) from None
-
-
-def spawn_with_pdeathsig(argv: Sequence[str], **popen_kwargs: object) -> subprocess.Popen[bytes]:
-    """Popen(argv) whose process gets SIGTERM when this process's current thread dies."""
-    shim = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
-    return subprocess.Popen(shim, **popen_kwargs)  # type: ignore[call-overload]
 
 
 def log_tail(path: Path, lines: int = 20) -> str:

@@ -98,7 +98,8 @@ def handle(conn):
         conn.close()
 
 def worker(sock, parent):
-    # SIGKILL when the parent dies, so that a killed parent never leaves workers behind.
+    # SIGKILL when the parent dies, so that a killed parent never leaves workers behind. Not
+    # demo/pdeathsig.py: these workers are forked, never exec'd, so the call is made in the worker.
     if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
         os._exit(3)
     if os.getppid() != parent:

@@ -1,7 +1,7 @@
 """Real third-party servers on 127.0.0.1 for the verdict tests, with the servers' OWN LOGS as ground truth.
 
 Each launcher starts one server in its own temp dir and session (PR_SET_PDEATHSIG through
-demo.spawn_with_pdeathsig, so a killed test run leaves nothing behind), waits until its workers sit idle
+demo/pdeathsig.py, so a killed test run leaves nothing behind), waits until its workers sit idle
 in a waiting syscall (no probe connection: that would be an accept of its own), and returns a LogServer:
 
     master_pid, ports, worker_pids(), helper_pids(), log_records() -> [groundtruth.LogRecord] by time

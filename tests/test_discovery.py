@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 import psutil
 import pytest
 
-from accept_watch.daemon import discovery
+from accept_watch.daemon import discovery, proctree
 from accept_watch.daemon.discovery import DiscoveryError
 
 # Children exit by themselves when their parent is gone (no orphans if a test dies); the parent
@@ -318,7 +318,7 @@ def test_access_denied_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     def denied(pid: int) -> psutil.Process:
         raise psutil.AccessDenied(pid)
 
-    monkeypatch.setattr(discovery.psutil, "Process", denied)
+    monkeypatch.setattr(proctree.psutil, "Process", denied)
     with pytest.raises(DiscoveryError, match=r"^access denied to pid 4242 " + _DENIED_TAIL):
         discovery.discover(4242)
 
@@ -327,7 +327,7 @@ def test_fd_table_permission_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def listdir(path: str) -> list[str]:
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(discovery.os, "listdir", listdir)
+    monkeypatch.setattr(proctree.os, "listdir", listdir)
     with pytest.raises(DiscoveryError, match=r"^access denied reading /proc/77/fd " + _DENIED_TAIL):
         discovery.socket_inodes(77)
 

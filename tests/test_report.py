@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from accept_watch.daemon import analysis, cli, report, report_html
+from accept_watch.daemon import analysis, cli, fmt, report, report_html
 from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
 from accept_watch.daemon.stats import Aggregator
 from accept_watch.probes.histogram import bucket_bounds, bucket_index, percentile
@@ -207,7 +207,7 @@ def test_summary_has_header_figures_listeners_and_every_worker(docs: dict) -> No
     assert text.isascii()  # printable in any locale (the names and the verdict are ASCII here)
     for label, key in (("Jain", "jain"), ("max/mean", "max_mean_ratio"), ("CV", "cv"), ("Gini", "gini")):
         assert f"{label} {fair[key]:.3g}" in text
-    assert f"chi-square p {report_html.fmt_p(fair['chi2_p'])} (df 7," in text
+    assert f"chi-square p {fmt.fmt_p(fair['chi2_p'])} (df 7," in text
     assert f"127.0.0.1:{PORT}  shared  9 pids" in text and "limit 2,048" in text
     lst = doc["listeners"][0]
     assert f"queue max {lst['queue_depth']['max']:,}" in text
@@ -499,12 +499,12 @@ def test_axis_helpers() -> None:
     assert report_html.nice_ticks(0) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     ticks = report_html.log_ticks(1_000, 1_000_000)
     assert [v for v, labelled in ticks if labelled] == [1e3, 1e4, 1e5, 1e6]
-    assert [report_html.fmt_ns(v) for v in (500, 1e3, 2.5e4, 3e6, 4e9)] == [
+    assert [fmt.fmt_ns(v) for v in (500, 1e3, 2.5e4, 3e6, 4e9)] == [
         "500 ns", "1 µs", "25 µs", "3 ms", "4 s"]
-    assert [report_html.fmt_p(p) for p in (None, 0.0, 1e-9, 0.25)] == ["–", "< 1e-300", "1.0e-09", "0.250"]
-    assert report_html.fmt_span("2026-11-27T23:59:58.5+00:00", "2026-11-28T00:00:01+00:00") == (
+    assert [fmt.fmt_p(p) for p in (None, 0.0, 1e-9, 0.25)] == ["–", "< 1e-300", "1.0e-09", "0.250"]
+    assert fmt.fmt_span("2026-11-27T23:59:58.5+00:00", "2026-11-28T00:00:01+00:00") == (
         "2026-11-27 23:59:58 → 2026-11-28 00:00:01 UTC")
-    assert report_html.fmt_span("2026-11-27T01:00:00+00:00", None) == (
+    assert fmt.fmt_span("2026-11-27T01:00:00+00:00", None) == (
         "2026-11-27 01:00:00 UTC → still running")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from accept_watch.daemon import terminal
+from accept_watch.daemon import fmt, terminal
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -163,9 +163,9 @@ def test_summary_line() -> None:
 
 
 def test_formatters() -> None:
-    assert [terminal.fmt_us(v) for v in (None, 0.4, 999.4, 1500.0, 2_500_000.0)] == [
+    assert [fmt.fmt_us(v) for v in (None, 0.4, 999.4, 1500.0, 2_500_000.0)] == [
         "-", "0us", "999us", "1.5ms", "2.50s"]
-    assert [terminal.fmt_duration(v) for v in (None, 9.25, 61, 3725)] == ["-", "9.2s", "1m01s", "1h02m05s"]
+    assert [fmt.fmt_duration(v) for v in (None, 9.25, 61, 3725)] == ["-", "9.2s", "1m01s", "1h02m05s"]
 
 
 def test_renders_an_aggregator_document() -> None:

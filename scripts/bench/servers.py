@@ -187,12 +187,9 @@ class Server:
     stop_signal = signal.SIGTERM
 
 
-def _pdeathsig() -> None:
-    """In the child: die with the benchmark (no orphaned servers if it is killed)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+def _die_with_bench(argv: list[str]) -> list[str]:
+    """argv run through demo/pdeathsig.py: the server gets SIGTERM if the benchmark dies (no orphans)."""
+    return [sys.executable, str(REPO / "demo" / "pdeathsig.py"), str(os.getpid()), *argv]
 
 
 class Nginx(Server):
@@ -220,10 +217,9 @@ class Nginx(Server):
         os.chmod(self.workdir, 0o755)
         out = open(self.workdir / "server.out", "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [binary, "-c", str(self.conf), "-p", str(self.workdir), "-g", "daemon off;"],
+            _die_with_bench([binary, "-c", str(self.conf), "-p", str(self.workdir), "-g", "daemon off;"]),
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_pdeathsig,
         )
         self._wait_ready(workers=2)
         # Self-check of the accounting below: two status queries in a row differ by exactly one
@@ -302,7 +298,7 @@ class Gunicorn(Server):
         env = dict(os.environ, ACCEPT_WATCH_DEMO_SLEEP_MS="0")  # the tiny app, answering at once
         out = open(self.workdir / "server.out", "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [
+            _die_with_bench([
                 str(binary),
                 "-w",
                 str(self.workers),
@@ -319,12 +315,11 @@ class Gunicorn(Server):
                 "--pythonpath",  # the demo's app is in the repository, not the installed package
                 str(REPO),
                 "demo.app:app",
-            ],
+            ]),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=self.workdir,
-            preexec_fn=_pdeathsig,
         )
         self._wait_ready(workers=self.workers)
 
