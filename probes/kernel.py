@@ -90,14 +90,12 @@ def generate_program(layout: KernelLayout) -> str:
 
 
 def _import_bcc() -> Any:
+    from .bccimport import BccMissing, import_bcc  # Debian's python3-bpfcc, see bccimport
+
     try:
-        import bcc  # Debian's python3-bpfcc; scripts/setup.sh links it into .venv
-    except ImportError as exc:
-        raise ProbeError(
-            "BCC's Python module is not importable: install Debian's python3-bpfcc "
-            "(make setup links it into .venv)"
-        ) from exc
-    return bcc
+        return import_bcc()[0]
+    except BccMissing as exc:
+        raise ProbeError(f"{exc}; `accept-watch doctor` says how to fix it") from exc
 
 
 def manual_attach_bpf(**kwargs: Any) -> Any:
