@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := bash scripts/setup.sh
 
-.PHONY: setup demo test lint bench kernel-matrix clean
+.PHONY: setup demo test lint bench kernel-matrix install-check systemd-check clean
 
 setup:
 	@$(SETUP)
@@ -21,6 +21,18 @@ lint: setup
 # ~/.cache/accept-watch/. Exit 3 = Debian/PyPI packages could not be fetched (not a test failure).
 kernel-matrix:
 	@python3 scripts/kernel-matrix/run_matrix.py $(KM_ARGS)
+
+# The wheel, and nothing else of the repository, on Debian 12 and Debian 13 (each booting its own
+# kernel with systemd, under QEMU; roots cached in ~/.cache/accept-watch/install-check/): pipx and
+# venv installs with Debian's BCC, doctor's fixes run verbatim, --dry-run, an exact gunicorn count, and
+# deploy/systemd/accept-watch.service under real systemd with exactly its declared capabilities.
+# Exit 3 = Debian/PyPI packages could not be fetched (not a test failure).
+install-check: setup
+	@python3 scripts/install-check/run.py $(IC_ARGS)
+
+# Only the systemd unit's guest (Debian 13, kernel 6.12): the install steps it needs, then the unit.
+systemd-check: setup
+	@python3 scripts/install-check/run.py --suites trixie --checks install,systemd $(IC_ARGS)
 
 bench: setup
 	@$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -83,7 +83,8 @@ KREL=$(basename "$(ls -d "$ROOT"/lib/modules/* | sort -V | tail -n 1)")
 
 # Downloaded, not installed: what `accept-watch doctor` will ask for inside the guest.
 say "downloading (not installing) python3-bpfcc linux-headers-$KREL"
-in_chroot nice -n 10 apt-get install -y -q --download-only --no-install-recommends python3-bpfcc "linux-headers-$KREL" \
+# Exactly what the commands doctor prints will ask for (recommends included, as apt-get install does).
+in_chroot nice -n 10 apt-get install -y -q --download-only python3-bpfcc "linux-headers-$KREL" \
   >>"$WORK/apt.log" 2>&1 || { tail -n 5 "$WORK/apt.log" >&2; fetch_failed "download python3-bpfcc linux-headers-$KREL"; }
 # apt may drop downloaded packages after an install; this image keeps them for the offline guest.
 echo 'APT::Keep-Downloaded-Packages "true";' >"$ROOT/etc/apt/apt.conf.d/90keep"
