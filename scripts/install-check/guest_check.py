@@ -240,7 +240,7 @@ def main() -> int:
         log("running doctor's fix commands")
         emit("fixes", **apply_fixes(before))
         log("doctor again (pipx: plain venv)")
-        after = doctor(PIPX_BIN, "pipx", text=True)
+        after = doctor(PIPX_BIN, "pipx")
         emit("doctor_pipx", **after, problems=check_doctor_after(after, "loaded from"))
         log("doctor again (venv --system-site-packages)")
         after = doctor(VENV / "bin/accept-watch", "venv")

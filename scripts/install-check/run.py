@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=str(REPO / ".venv/bin/python"),
                     help="a Python with pip, used to build the wheel and download dependencies")
     ap.add_argument("--json", type=Path, help="write every guest result here")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs/install-check.md",
+                    help="where to write the Markdown summary (default docs/install-check.md)")
+    ap.add_argument("--no-doc", action="store_true", help="do not write the Markdown file")
     args = ap.parse_args(argv)
     suites = [s for s in args.suites.split(",") if s]
     checks = [c for c in args.checks.split(",") if c]
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     for suite in suites:
         say(f"[{suite}] booting {SUITES[suite][0]} under QEMU TCG: {', '.join(checks)}")
         run = boot(roots[suite], work / "payload.img", suite, checks, args.timeout)
+        manifest = (roots[suite] / "manifest.txt").read_text().splitlines()
+        run["manifest"] = dict(line.split(" ", 1) for line in manifest if " " in line)
         run["problems"] = problems_of(run, checks)
         runs.append(run)
         verdict = "PASS" if not run["problems"] else "FAIL"
@@ -276,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         for p in run["problems"]:
             print(f"    - {p[:1500]}")
         failed = failed or bool(run["problems"])
+    doc = {"wheel": wheel.name, "runtime": runtime, "runs": runs}
     if args.json:
-        args.json.write_text(json.dumps({"wheel": wheel.name, "runtime": runtime, "runs": runs}, indent=1))
+        args.json.write_text(json.dumps(doc, indent=1))
+    if not args.no_doc:
+        from render import render  # scripts/install-check/render.py
+
+        args.doc.write_text(render(doc))
+        say(f"wrote {args.doc}")
     say(f"{'FAILED' if failed else 'passed'} in {(time.monotonic() - t0) / 60:.1f} min")
     return EXIT_FAIL if failed else EXIT_OK
 
