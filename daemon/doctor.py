@@ -29,6 +29,7 @@ from .doctor_fixes import (
     headers_fix,
     lockdown_check,
     mount_fix,
+    paranoid_check,
     privileges_fix,
 )
 from .sanitize import clean
@@ -72,6 +73,13 @@ def host_facts(ask_apt: bool) -> HostFacts:
     return HostFacts(os.uname().release, platform.machine(), distro, apt, known)
 
 
+def _paranoid() -> int | None:
+    try:
+        return int(Path("/proc/sys/kernel/perf_event_paranoid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def _tracing_check(privileged: bool) -> list[Check]:
     wanted = ((environment.TRACEFS, "tracefs"), (environment.DEBUGFS, "debugfs"))
     absent = [(p, t) for p, t in wanted if not environment._is_mounted(p, t)]
@@ -108,6 +116,8 @@ def gather_checks() -> list[Check]:
     checks.append(_config_flag(cfg, "CONFIG_KPROBES"))  # kretprobe path
     checks.append(_config_flag(cfg, "CONFIG_FTRACE_SYSCALLS"))  # the syscalls:* tracepoints
     checks.append(lockdown_check(environment.lockdown_mode()))
+    sys_admin = bool(environment.effective_capabilities() & 1 << environment.CAP_SYS_ADMIN)
+    checks.append(paranoid_check(_paranoid(), sys_admin))
     headers = environment.kernel_headers()
     facts = host_facts(ask_apt=headers is None)
     checks.append(Check("kernel headers", headers is not None,

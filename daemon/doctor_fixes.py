@@ -78,6 +78,27 @@ def lockdown_check(mode: str | None) -> Check:
     return Check("lockdown", None, mode or "not available (securityfs not mounted or no LSM)")
 
 
+PARANOID_FILE = "/etc/sysctl.d/50-accept-watch.conf"
+
+
+def paranoid_check(value: int | None, sys_admin: bool) -> Check:
+    """kernel.perf_event_paranoid above 2 means something only with a distribution patch (Debian's, 3 by
+    default; upstream treats it as 2): perf_event_open(), which attaches tracepoints, then wants
+    CAP_SYS_ADMIN instead of CAP_PERFMON. Full root has it; a service limited to CAP_BPF + CAP_PERFMON
+    (deploy/systemd) needs 2. A warning, not required: the probe checks below try attaching for real."""
+    name = "perf_event_paranoid"
+    if value is None:
+        return Check(name, None, "not readable")
+    if value <= 2:
+        return Check(name, True, f"{value}: CAP_PERFMON is enough to attach tracepoints")
+    if sys_admin:
+        return Check(name, None, f"{value}: tracepoints may need CAP_SYS_ADMIN (this process has it; "
+                     "a service with only CAP_BPF + CAP_PERFMON needs 2)")
+    return Check(name, False, f"{value}: perf_event_open() may need CAP_SYS_ADMIN at this level",
+                 fix=f"sysctl -w kernel.perf_event_paranoid=2, and to keep it: "
+                     f"echo 'kernel.perf_event_paranoid = 2' > {PARANOID_FILE}")
+
+
 def exit_status(checks: Iterable[Check]) -> int:
     """1 when a required check failed (accept-watch cannot run here as it is), else 0."""
     return 1 if any(c.ok is False and c.required for c in checks) else 0

@@ -22,6 +22,7 @@ from accept_watch.daemon.doctor_fixes import (
     headers_fix,
     lockdown_check,
     mount_fix,
+    paranoid_check,
     privileges_fix,
 )
 from accept_watch.probes import bccimport
@@ -75,6 +76,17 @@ def test_lockdown_only_confidentiality_stops_us() -> None:
     for mode in ("integrity", "none", None):
         c = lockdown_check(mode)
         assert c.ok is None and not c.required
+
+
+def test_perf_event_paranoid_above_2_is_flagged_only_without_cap_sys_admin() -> None:
+    assert paranoid_check(2, sys_admin=False).ok is True
+    assert paranoid_check(-1, sys_admin=False).ok is True
+    assert paranoid_check(3, sys_admin=True).ok is None
+    debian = paranoid_check(3, sys_admin=False)
+    assert debian.ok is False and not debian.required  # the probe checks decide; this says why
+    assert debian.fix == ("sysctl -w kernel.perf_event_paranoid=2, and to keep it: "
+                          "echo 'kernel.perf_event_paranoid = 2' > /etc/sysctl.d/50-accept-watch.conf")
+    assert paranoid_check(None, sys_admin=False).ok is None
 
 
 def test_exit_status_counts_only_required_failures() -> None:

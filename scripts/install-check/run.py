@@ -138,7 +138,8 @@ def payload_disk(dest: Path, wheel: Path, house: Path) -> None:
         shutil.copytree(house, stage / "wheelhouse")
         for name in ("guest_check.py", "guest_systemd.py", "app.py"):
             shutil.copy2(HERE / name, stage / name)
-        shutil.copy2(REPO / "deploy/systemd/accept-watch.service", stage / "accept-watch.service")
+        for name in ("accept-watch.service", "accept-watch-sysctl.conf"):
+            shutil.copy2(REPO / "deploy/systemd" / name, stage / name)
         for p in [stage, *stage.rglob("*")]:  # www-data (the gunicorn service) reads app.py
             p.chmod(0o755 if p.is_dir() else 0o644)
         size_mb = 2 * sum(f.stat().st_size for f in stage.rglob("*") if f.is_file()) // 2**20 + 64
