@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := bash scripts/setup.sh
 
-.PHONY: setup demo test lint bench bench-serve kernel-matrix containers clean
+.PHONY: setup demo test lint bench bench-serve kernel-matrix containers install-check systemd-check clean
 
 setup:
 	@$(SETUP)
@@ -28,6 +28,18 @@ kernel-matrix:
 containers: setup
 	@$(PY) scripts/containers/container_build.py
 	@$(PY) -m pytest -ra tests/test_containers.py tests/test_kubernetes_manifest.py tests/test_procident.py
+
+# The wheel, and nothing else of the repository, on Debian 12 and Debian 13 (each booting its own
+# kernel with systemd, under QEMU; roots cached in ~/.cache/accept-watch/install-check/): pipx and
+# venv installs with Debian's BCC, doctor's fixes run verbatim, --dry-run, an exact gunicorn count, and
+# deploy/systemd/accept-watch.service under real systemd with exactly its declared capabilities.
+# Exit 3 = Debian/PyPI packages could not be fetched (not a test failure).
+install-check: setup
+	@python3 scripts/install-check/run.py $(IC_ARGS)
+
+# Only the systemd unit's guest (Debian 13, kernel 6.12): the install steps it needs, then the unit.
+systemd-check: setup
+	@python3 scripts/install-check/run.py --suites trixie --checks install,systemd $(IC_ARGS)
 
 bench: setup
 	@$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -129,3 +129,5 @@ class Check:
     name: str
     ok: bool | None  # None: informational
     detail: str
+    fix: str = ""  # the command (or step) that fixes a failed check
+    required: bool = False  # a failure means accept-watch cannot run here (doctor exits non-zero)

@@ -35,7 +35,9 @@ from .records import (
     WorkerCounters,
 )
 
-FEXIT_FN = b"kretfunc__inet_csk_accept"
+# KRETFUNC_PROBE's function name: BCC 0.26 (Debian 12) writes kretfunc__<fn>; later BCC (0.31 in Debian 13),
+# which can attach to module functions, kretfunc__<module>__<fn>. The compiled object has one of them.
+FEXIT_FNS = (b"kretfunc__vmlinux__inet_csk_accept", b"kretfunc__inet_csk_accept")
 KRETPROBE_FN = b"kretprobe__inet_csk_accept"
 # Attached in every mode.
 TRACEPOINT_FNS: dict[str, bytes] = {
@@ -90,14 +92,12 @@ def generate_program(layout: KernelLayout) -> str:
 
 
 def _import_bcc() -> Any:
+    from .bccimport import BccMissing, import_bcc  # Debian's python3-bpfcc, see bccimport
+
     try:
-        import bcc  # Debian's python3-bpfcc; scripts/setup.sh links it into .venv
-    except ImportError as exc:
-        raise ProbeError(
-            "BCC's Python module is not importable: install Debian's python3-bpfcc "
-            "(make setup links it into .venv)"
-        ) from exc
-    return bcc
+        return import_bcc()[0]
+    except BccMissing as exc:
+        raise ProbeError(f"{exc}; `accept-watch doctor` says how to fix it") from exc
 
 
 def manual_attach_bpf(**kwargs: Any) -> Any:
@@ -340,7 +340,7 @@ class AcceptProbes:
                 self._attach_tracepoints(ENTER_TRACEPOINT_FNS)
             with _captured_stderr() as noise:
                 if kind is ProbeKind.FEXIT:
-                    self._bpf.attach_kretfunc(fn_name=FEXIT_FN)
+                    self._bpf.attach_kretfunc(fn_name=self._fexit_fn())
                 else:
                     self._bpf.attach_kretprobe(event=b"inet_csk_accept", fn_name=KRETPROBE_FN,
                                                maxactive=KRETPROBE_MAXACTIVE)
@@ -360,13 +360,17 @@ class AcceptProbes:
         return ("syscalls:sys_exit_accept/accept4 tracepoints, new fd resolved through the task's fd table; "
                 + self.layout.syscall_arg1_text + off)
 
+    def _fexit_fn(self) -> bytes:
+        lib = _import_bcc().libbcc.lib
+        return next((n for n in FEXIT_FNS if lib.bpf_function_start(self._bpf.module, n)), FEXIT_FNS[-1])
+
     def load_only(self, kind: ProbeKind) -> None:
         """Verifier-load one hook's program without attaching it (tests, doctor)."""
         bcc = _import_bcc()
         if self._bpf is None:
             self.compile()
         if kind is ProbeKind.FEXIT:
-            self._bpf.load_func(FEXIT_FN, bcc.BPF.TRACING)
+            self._bpf.load_func(self._fexit_fn(), bcc.BPF.TRACING)
         elif kind is ProbeKind.KRETPROBE:
             self._bpf.load_func(KRETPROBE_FN, bcc.BPF.KPROBE)
         else:
