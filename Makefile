@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := bash scripts/setup.sh
 
-.PHONY: setup demo test lint bench kernel-matrix containers clean
+.PHONY: setup demo test lint bench bench-serve kernel-matrix containers clean
 
 setup:
 	@$(SETUP)
@@ -31,6 +31,10 @@ containers: setup
 
 bench: setup
 	@$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# accept-watch serve under --max-requests churn: RSS and pid series sampled over time (docs/bench-serve.md)
+bench-serve: setup
+	@$(PY) scripts/bench/serve_churn.py $(BENCH_SERVE_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

@@ -29,6 +29,7 @@ examples:
   accept-watch --pid 4242 --print-bpf              print the generated BPF program
   sudo accept-watch doctor                         what this kernel allows, which probe would be used
   accept-watch report run.json --html run.html     summary of an export (no root needed)
+  sudo accept-watch serve --config /etc/accept-watch/serve.toml   host daemon, many servers (serve --help)
 """
 
 
@@ -173,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import run_doctor
 
             return run_doctor(argv[1:])
+        if argv and argv[0] == "serve":
+            from .serve import run_serve
+
+            return run_serve(argv[1:])
         if argv and argv[0] == "report":
             from .report import run_report
 

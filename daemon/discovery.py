@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import sockdiag
+from . import sockdiag, target
 
 TCP_LISTEN = 0x0A  # include/net/tcp_states.h
 
@@ -425,8 +425,21 @@ def resolve_master(pid: int) -> tuple[int, str | None]:
         master = parent
     if master == pid:
         return pid, None
+    if _has_listening_child(pid, rows, ports):
+        # A master itself (its children serve the same sockets): the new generation of a binary
+        # upgrade or a USR2 re-exec, still a child of the old master until that one exits.
+        return master, (f"pid {pid} is a master started by pid {master} (a new generation sharing its "
+                        f"listening socket, as in a binary upgrade): watching both from pid {master}")
     return master, (f"pid {pid} is a worker of pid {master}, which holds the same listening socket: "
                     f"watching the server from pid {master}")
+
+
+def _has_listening_child(pid: int, rows: list[TcpRow], ports: set[int]) -> bool:
+    try:
+        children = psutil.Process(pid).children()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(_listening_ports(child.pid, rows) & ports for child in children[:256])
 
 
 def find_holders(inodes: Iterable[int]) -> dict[int, set[int]]:
@@ -504,12 +517,19 @@ def discover(master_pid: int) -> Topology:
     """The master, all its descendants and the listening TCP sockets they hold."""
     if master_pid <= 0:
         raise DiscoveryError(f"no process with pid {master_pid}")
+    try:
+        target.check_master(master_pid)
+    except target.TargetError as exc:
+        raise DiscoveryError(str(exc)) from None
     topo = _scan(master_pid)
     if not topo.listeners:
         n = len(topo.processes) - 1
+        unix = target.unix_listeners(sorted(topo.processes))
+        only = (f" (only {unix} listening unix socket{'' if unix == 1 else 's'}: accept-watch counts TCP "
+                "accepts, so there is nothing to count)") if unix else ""
         raise DiscoveryError(
             f"pid {master_pid} ({_short(topo.master_cmdline)}) and its {n} descendant{'' if n == 1 else 's'} "
-            "hold no listening TCP socket"
+            f"hold no listening TCP socket{only}"
         )
     return topo
 

@@ -111,5 +111,9 @@ def why(pattern: str, cause: str, *, taking_turns: bool = False) -> str:
             return "workers race after every poll/select wake-up and the one already running wins"
         return "some workers win the wake-ups more often (wake-up order, CPU placement or slower workers)"
     if pattern == "random":
+        if cause == "fifo-wakeup":
+            # Blocked accept() is FIFO among the waiters; which workers wait changes with the load.
+            return ("each connection goes to the longest-waiting worker blocked in accept(), and which "
+                    "workers are free to wait changes with the load, so the order mixes")
         return "workers race for the shared socket and whichever is free first takes the next connection"
     return ""

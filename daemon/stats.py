@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from accept_watch import __version__
 from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
@@ -114,6 +116,7 @@ class Aggregator:
         history_points: int = 300,
         max_events: int = 1000,
         max_transitions: int = 16384,
+        exited_retention_s: float | None = None,
     ) -> None:
         self.probe = probe
         self.probe_detail = probe_detail
@@ -125,6 +128,8 @@ class Aggregator:
         self.clock = ClockMap(wall_clock, mono_clock)
         self._lookup = process_lookup
         self._max_exited = max_exited
+        # serve: an exited worker's record is folded away this long after it was seen gone
+        self._retention_ns = None if exited_retention_s is None else int(exited_retention_s * _NS)
         self._max_transitions = max_transitions
         self._lock = threading.RLock()
         # The document changes only with update(): the terminal, the export, every dashboard push and
@@ -298,7 +303,14 @@ class Aggregator:
         for port, pids in by_port.items():
             by_port[port] = {p for p in pids if p in self._workers and self._workers[p].role == "worker"}
         alive = {pid for pid, w in self._workers.items() if w.alive}
-        self._shares.update(accepts, by_port, alive, now, spans)
+        # psutil's create_time is boot time + the start ticks since boot; back to ticks (10 ms), then from
+        # CLOCK_BOOTTIME to CLOCK_MONOTONIC (the probes' clock): the wall clock's whole-second boot time
+        # would shift every start by up to a second.
+        boot_s = psutil.boot_time()
+        offset_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+        born = {pid: int((w.create_time - boot_s) * 1e9) - offset_ns for pid, w in self._workers.items()
+                if w.create_time is not None}
+        self._shares.update(accepts, by_port, alive, now, spans, born)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():
@@ -384,7 +396,24 @@ class Aggregator:
 
         self._rates.add(now, deltas)
 
+    def evicted_pids(self) -> set[int]:
+        """Folded-away pids whose kernel counters are still remembered (to tell them from new ones)."""
+        with self._lock:
+            return set(self._evicted)
+
+    def forget_evicted(self, pids: Set[int]) -> None:
+        """The kernel entries of these folded-away pids were deleted: a new process with one of these
+        pids starts from zero (no baseline to subtract)."""
+        with self._lock:
+            for pid in pids:
+                self._evicted.pop(pid, None)
+
     def _evict(self) -> None:
+        if self._retention_ns is not None and self._last_ns is not None:
+            horizon = self._last_ns - self._retention_ns
+            for w in [w for w in self._workers.values()
+                      if not w.alive and w.exited_ns is not None and w.exited_ns <= horizon]:
+                self._retire(w)
         exited = [w for w in self._workers.values() if not w.alive]
         if len(exited) > self._max_exited:
             exited.sort(key=lambda w: (w.exited_ns or 0, w.pid))

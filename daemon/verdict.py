@@ -212,9 +212,17 @@ def classify(
     else:
         conf = "medium"
     extra = f"; {', '.join(notes)}" if notes else ""
+    # Only claim independence where the sequence does not contradict it (a significant lean that is not
+    # material enough for round-robin or concentrated is said as what it is).
+    if z <= -Z_CRIT:
+        nxt = "the same worker accepts twice in a row less often than if independent"
+    elif z >= Z_CRIT:
+        nxt = "the same worker accepts twice in a row more often than if independent"
+    else:
+        nxt = "the next acceptor is independent of the last"
     return verdict("random", conf,
                    f"Random-like: {n} workers took {took} of {total} accepts "
-                   f"(chi-square p={p_even:.2g}){live_note} and the next acceptor is independent of the last "
+                   f"(chi-square p={p_even:.2g}){live_note} and {nxt} "
                    f"(same worker {pct(self_rate)}, {pct(q)} expected){extra} - {why('random', cause)}.")
 
 

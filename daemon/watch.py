@@ -23,7 +23,7 @@ import psutil
 from accept_watch.probes import environment
 from accept_watch.probes.records import KernelSnapshot, ProbeKind
 
-from . import analysis, discovery, export, follow, terminal, waitmode
+from . import analysis, discovery, export, follow, target, terminal, waitmode
 from .backstop import Backstop
 from .blocked import blocked_workers
 from .eventdrain import EventDrainer
@@ -83,6 +83,10 @@ def _target_pid(args: argparse.Namespace) -> int:
             raise WatchError(f"no process id in {clean(args.pidfile[:200])}")
     if not psutil.pid_exists(pid):
         raise WatchError(f"no process with pid {pid}")
+    try:
+        target.check_master(pid)  # before a worker's pid is resolved to its master: a thread id is not one
+    except target.TargetError as exc:
+        raise WatchError(str(exc)) from None
     return pid
 
 

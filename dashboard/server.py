@@ -7,6 +7,8 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import uvicorn
@@ -55,6 +57,7 @@ class DashboardServer:
         stream_interval: float = 1.0,
         log_level: str = "warning",
         limits: ConnectionLimits | None = None,
+        app_factory: Callable[..., Any] = create_app,
     ) -> None:
         if not 0 <= port <= 65535:
             raise DashboardError(f"dashboard port must be 0..65535, got {port}")
@@ -73,6 +76,7 @@ class DashboardServer:
         self._stream_interval = stream_interval
         self._log_level = log_level
         self._limits = limits
+        self._app_factory = app_factory  # `accept-watch serve` runs its own app (dashboard/serveapp.py)
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -150,7 +154,7 @@ class DashboardServer:
         assert sock is not None
         address, port = sock.getsockname()[:2]
         limits = self._limits or ConnectionLimits()
-        app = create_app(
+        app = self._app_factory(
             self.source,
             token=self.token,
             allowed_hosts=self.allowed_hosts(port),

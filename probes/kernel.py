@@ -461,6 +461,25 @@ class AcceptProbes:
         diag = {c: slots.get(int(c), 0) for c in Counter}
         return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
 
+    def forget_workers(self, pids: Iterable[int]) -> int:
+        """Delete exited workers' entries (counters, live counts, histogram cells, accept sequence), so
+        a daemon running for weeks through --max-requests respawns never fills the maps (a full one
+        would stop counting). Call only for pids whose counts are already folded away in user space.
+        Returns the entries deleted."""
+        gone = {int(p) for p in pids}
+        if not gone:
+            return 0
+        deleted = 0
+        for name in (b"worker_stats", b"worker_live", b"wait_hist", b"transitions"):
+            table = self._bpf[name]
+            doomed = [type(k).from_buffer_copy(k) for k, _ in self._items(name)
+                      if k.tgid in gone or getattr(k, "prev_tgid", 0) in gone]
+            for key in doomed:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+                    deleted += 1
+        return deleted
+
     def tracked_pids(self) -> set[int]:
         return {k.value for k in self._bpf[b"tracked"].keys()}  # noqa: SIM118 - BCC tables
 

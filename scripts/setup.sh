@@ -18,10 +18,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # apache2: Apache prefork for the real-server verdict tests (run with our own config, never the system one).
 # prometheus: promtool (checks the alert rules and /metrics) and the server the Grafana-panel test scrapes
 # with (own config and storage in a temp dir, loopback port).
+# php-fpm: the php-fpm pool tests (static and dynamic pools behind nginx; own config in a temp dir).
 # podman, runc, debootstrap: the container image and the container tests (`make containers`): images are
 # built from a debootstrapped Debian root (no registry); runc because crun refuses hybrid cgroups.
 PKGS=(python3-bpfcc bpftool python3-venv nginx-light wrk bpftrace chromium chromium-driver procps iproute2
-  apache2 prometheus podman runc debootstrap)
+  apache2 prometheus podman runc debootstrap php-fpm)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,6 +41,10 @@ systemctl disable --now apache2 >/dev/null 2>&1 || true
 # Likewise Debian's prometheus (:9090, scraping itself into /var/lib/prometheus): the tests run the
 # binary with their own config and storage in a temp dir, on a free loopback port.
 systemctl disable --now prometheus >/dev/null 2>&1 || true
+# Likewise Debian's php-fpm service (its unit is named after the PHP version, php8.2-fpm on Debian 12).
+for unit in /lib/systemd/system/php*-fpm.service; do
+  if [ -e "$unit" ]; then systemctl disable --now "$(basename "$unit")" >/dev/null 2>&1 || true; fi
+done
 
 # --- Kernel headers for BCC's run-time compiler ------------------------------------------------
 # BCC compiles the BPF C at run time against kernel headers. Our programs read every kernel struct

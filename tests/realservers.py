@@ -293,17 +293,18 @@ class Nginx(LoggedWorkers):
 
 def start_nginx(
     workers: int = 4, accept_mutex: bool = False, reuseport: bool = False, nports: int = 1,
-    timeout_s: float = 20.0,
+    timeout_s: float = 20.0, hosts: Sequence[str] = (),
 ) -> Nginx:
     """Debian's nginx with its own config in a temp dir: `daemon off` (the process started is the
     master), `worker_processes N`, keepalive off (one request per connection, so one log line per
-    accept)."""
+    accept). hosts: the address of each port's listener (default 127.0.0.1; "[::]" for IPv6)."""
 
     def make(ports: list[int]) -> LogServer:
         workdir = Path(tempfile.mkdtemp(prefix="accept-watch-nginx-"))
         (workdir / "tmp").mkdir()
         opt = " reuseport" if reuseport else ""
-        listens = "\n".join(f"        listen 127.0.0.1:{p}{opt};" for p in ports)
+        where = list(hosts) + ["127.0.0.1"] * (len(ports) - len(hosts))
+        listens = "\n".join(f"        listen {h}:{p}{opt};" for h, p in zip(where, ports, strict=True))
         conf = workdir / "nginx.conf"
         conf.write_text(_NGINX_CONF.format(workers=workers, dir=workdir, listens=listens,
                                            accept_mutex="on" if accept_mutex else "off"))

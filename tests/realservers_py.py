@@ -203,20 +203,23 @@ def start_gunicorn_server(
     workers: int = 4, kind: str = "sync", max_requests: int = 0, reuse_port: bool = False,
     pidfile: Path | None = None, sleep_ms: float = 0,
 ) -> GunicornServer:
-    """kind: "sync", "gthread" (4 threads) or "uvicorn" (UvicornWorker)."""
+    """kind: "sync", "gthread" (4 threads), "uvicorn" (UvicornWorker), "gevent", "eventlet", "tornado"."""
     extra: list[str] = []
     worker_class = "uvicorn" if kind == "uvicorn" else "sync"
     if kind == "gthread":
         # Later options win in gunicorn's parser: the launcher knows sync and uvicorn only.
         extra += ["--worker-class", "gthread", "--threads", "4"]
+    elif kind in ("gevent", "eventlet", "tornado"):
+        extra += ["--worker-class", kind]  # the WSGI pid app; each runs it in its own event loop
     elif kind not in ("sync", "uvicorn"):
         raise ValueError(f"unknown gunicorn kind {kind!r}")
     if pidfile is not None:
         extra += ["--pid", str(pidfile)]
     if reuse_port:
         return _start_reuse_port(workers, worker_class, extra)
+    env = {"PIDAPP_NO_PEER_PORT": "1"} if kind == "tornado" else None
     srv = start_gunicorn(workers=workers, worker_class=worker_class, max_requests=max_requests,
-                         reuse_port=reuse_port, extra_args=extra, sleep_ms=sleep_ms)
+                         reuse_port=reuse_port, extra_args=extra, sleep_ms=sleep_ms, extra_env=env)
     return GunicornServer(srv, workers)
 
 
@@ -279,6 +282,16 @@ class Uvicorn(LoggedWorkers):
         super().__init__(proc, workdir, ports)
         self.record_dir = workdir / "records"
 
+    single = False  # --workers 1: uvicorn serves in the process started (no supervisor, no children)
+
+    def worker_pids(self) -> list[int]:
+        if self.single:
+            return [self.master_pid] if self.master_pid in self.logged_workers() else []
+        return super().worker_pids()
+
+    def helper_pids(self) -> list[int]:
+        return [] if self.single else super().helper_pids()
+
     def logged_workers(self) -> list[int]:
         """Every worker uvicorn says it started ("Started server process [PID]")."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -300,6 +313,7 @@ def start_uvicorn(workers: int = 4, timeout_s: float = 30.0) -> Uvicorn:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     server = Uvicorn(proc, workdir, [])
+    server.single = workers == 1
     try:
         def ready() -> bool:
             if proc.poll() is not None:

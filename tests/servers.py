@@ -205,6 +205,7 @@ def start_gunicorn(
     reuse_port: bool = False,
     host: str = "127.0.0.1",
     ready_timeout_s: float = 30.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Start gunicorn with the pid app (`worker_class` "sync", or "uvicorn" for UvicornWorker with the
     ASGI app) and return once every worker is ready. port=0: the kernel picks a free port, read back
@@ -222,7 +223,8 @@ def start_gunicorn(
         record_dir.mkdir()
         ready_dir.mkdir()
         gunicorn.config_text = _READY_HOOK.format(ready_dir=str(ready_dir))
-        gunicorn.env.update({"PIDAPP_RECORD_DIR": str(record_dir), "PIDAPP_SLEEP_MS": str(sleep_ms)})
+        gunicorn.env.update({"PIDAPP_RECORD_DIR": str(record_dir), "PIDAPP_SLEEP_MS": str(sleep_ms),
+                             **(extra_env or {})})
         gunicorn.start()
 
         def all_booted(pids: list[int]) -> bool:
@@ -270,6 +272,7 @@ def run_clients(
     if n < 0 or concurrency < 1:
         raise ValueError(f"need n >= 0 and concurrency >= 1, got n={n}, concurrency={concurrency}")
     family, sockaddr = resolve_loopback(host, port)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets
     deadline = time.monotonic() + deadline_s
     lock = threading.Lock()
     issued = 0
@@ -282,7 +285,7 @@ def run_clients(
                 if issued >= n or time.monotonic() >= deadline:
                     return
                 issued += 1
-            outcome = request_once(family, sockaddr, path, timeout_s, f"{host}:{port}")
+            outcome = request_once(family, sockaddr, path, timeout_s, authority)
             with lock:
                 outcomes.append(outcome)
 

@@ -155,6 +155,56 @@ def test_generations_within_one_interval_count_as_the_workers_live_at_a_time() -
                          dict.fromkeys(old + new, 10)) == pytest.approx(0.25)
 
 
+def test_live_span_covers_the_intervals_a_rare_acceptor_was_live() -> None:
+    """A worker that waits all along but wins rarely (EPOLLEXCLUSIVE): its accepts at 5.0-5.1 s, but it
+    was live through every interval from 0 to 10 s, as were the others. Accept spans alone would have it
+    absent for most of the run and the others' same-worker baseline would rise (fewer competitors)."""
+    t = ShareTracker(0, alive=[1, 2, 3])
+    accepts: dict[tuple[int, int], int] = {}
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
+    for second in range(1, 11):
+        now = second * 1_000_000_000
+        for pid in (1, 2):
+            accepts[(pid, PORT)] = accepts.get((pid, PORT), 0) + 10
+            spans[(pid, PORT)] = (1, now - 1)
+        if second == 6:
+            accepts[(3, PORT)] = 2
+            spans[(3, PORT)] = (5_000_000_000, 5_100_000_000)
+        t.update(accepts, {PORT: [1, 2, 3]}, [1, 2, 3], now, spans)
+    live = t.live_spans(PORT)
+    assert live[3] == (0, 10_000_000_000)
+    assert t.spans[PORT][3] == (5_000_000_000, 5_100_000_000)  # the accept span itself is kept
+    doc = t.to_doc(lambda ns: ns / 1e9)[str(PORT)]
+    assert doc["spans"]["3"] == [0.0, 10.0]
+    counts = {1: 100, 2: 100, 3: 2}
+    exp = t.ports[PORT].expected
+    rel_live = {p: (a / 1e9, b / 1e9) for p, (a, b) in live.items()}
+    rel_accept = {p: (a / 1e9, b / 1e9) for p, (a, b) in t.spans[PORT].items()}
+    succ = {1: 100, 2: 100, 3: 2}
+    # With worker 3 live throughout (weak), the two strong workers' baseline is below 1/2; with its
+    # accept span only it is exactly 1/2 outside 5.0-5.1 s.
+    assert self_baseline(counts, exp, rel_live, succ) < self_baseline(counts, exp, rel_accept, succ)
+
+
+def test_a_generation_forked_mid_interval_is_live_from_its_fork() -> None:
+    """A binary upgrade inside one read interval: four new workers forked at 0.2 s wait while the old
+    four keep winning until 0.8 s, then take over. Live from the fork, not from their first accept at
+    0.9 s: never fewer than four live, eight while both wait."""
+    t = ShareTracker(0, alive=[1, 2, 3, 4])
+    old, new = [1, 2, 3, 4], [5, 6, 7, 8]
+    accepts = {(p, PORT): 10 for p in old} | {(p, PORT): 5 for p in new}
+    spans = {(p, PORT): (100, 800_000_000) for p in old} | {(p, PORT): (900_000_000, 990_000_000)
+                                                            for p in new}
+    born = dict.fromkeys(new, 200_000_000) | dict.fromkeys(old, -5_000_000_000)
+    t.update(accepts, {PORT: new}, new, 1_000_000_000, spans, born)
+    live = t.ports[PORT].to_doc()["live_workers"]
+    assert live["min"] == 4 and live["max"] == 8, live
+    # Without the fork times: only accept spans, a gap between 0.8 and 0.9 s.
+    t2 = ShareTracker(0, alive=old)
+    t2.update(accepts, {PORT: new}, new, 1_000_000_000, spans)
+    assert t2.ports[PORT].to_doc()["live_workers"]["min"] == 1
+
+
 def test_folding_keeps_totals() -> None:
     ps = PortShares()
     for i in range(1, 401):

@@ -5,6 +5,7 @@ panel draws."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -232,3 +233,79 @@ def test_listen_drops_of_a_real_server_reach_metrics(tmp_path: Path) -> None:
     (row,) = discovery.parse_ss_listeners(out, "ipv4")
     assert n - 3 <= drops <= (row.drops or 0), (drops, out)  # ss read later: retransmits may add more
     assert limit in (None, 1)  # listen(1) as the kernel applies it (null until the first accept is seen)
+
+
+# Panels whose series belong to one watched server (a `server` label); the rest are accept-watch's own.
+RATED = "rate(accept_watch_accepts_total[10s]) > 0 and count_over_time(accept_watch_accepts_total[1m]) >= 6"
+SERVE_PER_SERVER = {title for title, labels in PANEL_LABELS.items() if "server" in labels}
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("kernel_ok")
+@needs_prometheus
+def test_grafana_panels_against_serve_watching_gunicorn_and_nginx(tmp_path: Path) -> None:
+    """`accept-watch serve` watching a real gunicorn and a real nginx, gunicorn restarted on the way (a
+    new master on the same pid file and port): a real Prometheus scrapes it, and every panel's query
+    returns series for both `server` values."""
+    from tests.servewatch import start_nginx_at, start_serve
+
+    web, gport, nport = free_port(), free_port(), free_port()
+    pidfile = tmp_path / "gunicorn.pid"
+    g = servers.start_gunicorn(workers=3, port=gport, extra_args=["--pid", str(pidfile)])
+    n = start_nginx_at(nport, workers=2)
+    run = start_serve(tmp_path, "--pidfile", f"web={pidfile}", "--port", f"nginx={nport}",
+                      "--resolve-every", "1", web=web)
+    prom: subprocess.Popen[bytes] | None = None
+    loads = [LoadGenerator("127.0.0.1", p, concurrency=2, rate_per_s=100).start() for p in (gport, nport)]
+    try:
+        prom, base = _start_prometheus(tmp_path, f"127.0.0.1:{web}")
+        time.sleep(3)
+        loads[0].stop()
+        g.close()  # restart: the same target, a new generation
+        g = servers.start_gunicorn(workers=3, port=gport, extra_args=["--pid", str(pidfile)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and run.targets()["web"]["generation"] != 2:
+            time.sleep(0.2)
+        assert run.targets()["web"]["generation"] == 2, run.stderr()
+        loads[0] = LoadGenerator("127.0.0.1", gport, concurrency=2, rate_per_s=100).start()
+        both = {"web", "nginx"}
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            verdicts = {s["metric"]["server"] for s in _query(base, "accept_watch_verdict_info")}
+            rates = {s["metric"]["server"] for s in _query(base, RATED)}
+            if verdicts == both and rates == both:
+                break
+            time.sleep(0.5)
+        scrape = run.get("/metrics")
+        checked = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True,
+                                 text=True, timeout=30)
+        assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked
+        workers = {str(p) for p in g.worker_pids()} | {str(p) for p in n.worker_pids()} | {"exited"}
+        for title, expr in panel_queries():
+            result = _query(base, expr)
+            assert result, (title, expr)
+            for series in result:
+                labels = series["metric"]
+                assert PANEL_LABELS[title] <= set(labels), (title, expr, labels)
+                if "pid" in PANEL_LABELS[title] and "rate" not in expr:
+                    assert labels["pid"] in workers, (title, labels, workers)
+            if title in SERVE_PER_SERVER:
+                assert {s["metric"]["server"] for s in result} == both, (title, expr, result)
+        # Through the restart: the old master's workers went, the counts carried on.
+        assert float(_query(base, 'accept_watch_masters{server="web"}')[0]["value"][1]) == 2
+        assert len(_query(base, "accept_watch_target_up == 1")) == 2
+    finally:
+        for load in loads:
+            with contextlib.suppress(RuntimeError):
+                load.stop()
+        if prom is not None:
+            prom.send_signal(signal.SIGTERM)
+            try:
+                prom.wait(10)
+            except subprocess.TimeoutExpired:
+                prom.kill()
+                prom.wait()
+        code = run.stop()
+        g.close()
+        n.close()
+    assert code == 0, run.stderr()

@@ -1,5 +1,6 @@
 """Issue 10 on real servers through deploys, each step under load: gunicorn --max-requests 50, HUP, TTIN/TTOU,
-SIGKILL of a worker, USR2 then TERM of the old master, and `nginx -s reload`.
+SIGKILL of a worker, USR2 then TERM of the old master, `nginx -s reload`, nginx's binary upgrade (USR2,
+WINCH, QUIT), Apache's graceful restart (event MPM) and a `uvicorn --workers` worker killed and restarted.
 
 Each scenario runs once (module-scoped fixture) and is judged by separate tests: per-pid accepts equal the
 server's own log, exited processes are "alive": false in the final export, replacement alone is never
@@ -23,8 +24,10 @@ import pytest
 from tests import groundtruth as gt
 from tests import verdicts as v
 from tests.conftest import kernel_unavailable_reason
-from tests.realservers import alive, children, start_nginx
-from tests.realservers_py import GunicornServer, start_gunicorn_server
+from tests.realservers import APACHE_PATH, alive, children, start_nginx
+from tests.realservers_apache import start_apache_threaded
+from tests.realservers_deploy import NginxUpgrade, start_daemon_nginx, uvicorn_kill_worker
+from tests.realservers_py import GunicornServer, start_gunicorn_server, start_uvicorn
 from tests.watcher import start_watch
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("kernel_ok")]
@@ -45,6 +48,7 @@ class Run:
     masters: list[int] = field(default_factory=list)
     max_live: int = N + 1  # the most workers alive at once (+1: a replacement may overlap a moment)
     live_mean: tuple[float, float] = (N - 1, N + 1.5)  # where the mean number of live workers must be
+    live_min: int = 1  # the fewest live workers the export may report (a handover is not a dip)
     even_expected: bool = True  # the server itself spreads evenly (so the no-blame check has teeth)
     baseline_tolerance: float = 0.06  # |accept-watch's same-worker baseline - the log's|
     watch_alive_after_master_exit: bool | None = None
@@ -191,13 +195,88 @@ def _nginx_reload(tmp: Path) -> Run:
 
     doc, _ = v.watch_during(srv, tmp, action)
     # nginx's own spread (EPOLLEXCLUSIVE wake-ups) may be uneven: the verdict is judged against the log.
-    # The baselines differ more here: accept-watch takes a worker as live over its accept span, the
-    # log over its membership; with EPOLLEXCLUSIVE concentration across a reload the two were seen
-    # 0.076 apart once in ~10 runs (0.33 vs 0.25). An open question (see the session notes), so the
-    # tolerance is wider for this case only.
+    # The same-worker baseline once differed from the log's by 0.076 here. Part of it was liveness:
+    # accept-watch took a worker as live over its accept span only, so a rarely winning worker seemed
+    # absent most of its life; live spans now include the read intervals a worker was live all through
+    # (daemon/fairshare.py): with --events, 8 runs each way on a quiet machine, |difference| at most
+    # 0.012 (was up to 0.052). The rest is the baseline's model: each worker's accepts are taken as
+    # spread evenly over its span, which is rough where two generations overlap for a fraction of a
+    # second; under CPU stress 0.038 was seen, and 0.075 once in the loaded full suite. So this case
+    # keeps a wider tolerance. No live-worker floor either: under load nginx's old workers stop
+    # accepting before the new ones have started (the log itself shows moments with one accepting).
     return Run(doc, srv.records(), srv.port, set(first), [srv.master_pid], max_live=2 * N,
                even_expected=False, known=gt.from_membership(first, state.get("final", [])),
                baseline_tolerance=0.1)
+
+
+def _nginx_binary_upgrade(tmp: Path) -> Run:
+    """USR2 (a new master execs, its workers start), WINCH (the old workers finish), QUIT (the old master
+    exits), all under load: accept-watch follows the new master on the same socket."""
+    up = NginxUpgrade(start_daemon_nginx(N))
+    srv = up.srv
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+    watch = start_watch(srv.master_pid, tmp)
+    try:
+        v.load(srv.port, 100, 2)
+        bg = v.Background(srv.port, 120, 2)
+        new_master = up.usr2()
+        bg.join()
+        bg = v.Background(srv.port, 120, 2)
+        up.winch_old()
+        up.quit_old()
+        bg.join()
+        state["final"] = up.workers_of(new_master)
+        v.load(srv.port, 120, 2)  # the new generation only
+        state["watching"] = watch.proc.poll() is None
+    finally:
+        code = watch.stop()
+        up.close()
+    exited = set(first) | {up.masters[0]}
+    # The new generation is live from its fork (it waits while the old one still wins): never fewer
+    # than N live workers, up to 2N while both serve.
+    return Run(watch.document(), srv.records(), srv.port, exited, list(up.masters), max_live=2 * N,
+               live_mean=(N, 2 * N), live_min=N, even_expected=False, exit_code=code, stderr=watch.stderr(),
+               watch_alive_after_master_exit=state.get("watching"),
+               known=gt.from_membership(first, state.get("final", [])))
+
+
+def _apache_graceful(tmp: Path) -> Run:
+    """Apache event MPM, SIGUSR1 (apachectl -k graceful) under load: a new generation of children, the
+    old ones finish their connections and exit."""
+    srv = start_apache_threaded("event", N, threads=2)
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+
+    def action() -> None:
+        v.load(srv.port, 100, 2, APACHE_PATH)
+        bg = v.Background(srv.port, 150, 2, APACHE_PATH)
+        state["final"] = srv.graceful()
+        bg.join()
+        v.load(srv.port, 100, 2, APACHE_PATH)
+
+    doc, _ = v.watch_during(srv, tmp, action)
+    return Run(doc, srv.records(), srv.port, set(first), [srv.master_pid], max_live=2 * N,
+               even_expected=False, known=gt.from_membership(first, state.get("final", [])))
+
+
+def _uvicorn_kill_worker(tmp: Path) -> Run:
+    """`uvicorn --workers 4`, one idle worker SIGKILLed: uvicorn's supervisor starts a replacement."""
+    srv = start_uvicorn(N)
+    first = srv.worker_pids()
+    state: dict[str, Any] = {}
+
+    def action() -> None:
+        v.load(srv.port, 150, C)
+        state["victim"] = first[0]
+        uvicorn_kill_worker(srv, first[0])
+        state["final"] = srv.worker_pids()
+        v.load(srv.port, 150, C)
+
+    doc, _ = v.watch_during(srv, tmp, action)
+    # uvicorn's workers are event loops: its own spread may be uneven; judged against the log.
+    return Run(doc, srv.records(), srv.port, {first[0]}, [srv.master_pid], even_expected=False,
+               known=gt.from_membership(first, state.get("final", [])))
 
 
 SCENARIOS: dict[str, Callable[[Path], Run]] = {
@@ -207,6 +286,9 @@ SCENARIOS: dict[str, Callable[[Path], Run]] = {
     "gunicorn-sigkill-worker": _sigkill,
     "gunicorn-usr2-term-old-master": _usr2,
     "nginx-reload": _nginx_reload,
+    "nginx-binary-upgrade": _nginx_binary_upgrade,
+    "apache-graceful": _apache_graceful,
+    "uvicorn-kill-worker": _uvicorn_kill_worker,
 }
 
 
@@ -247,7 +329,9 @@ def test_exited_processes_not_alive(run: Run) -> None:
 def test_replacement_is_not_concentration(run: Run) -> None:
     s = gt.spread(gt.on_port(run.records, run.port), run.known)
     if run.even_expected:
-        assert s.even() and not s.streaky(), f"the premise: the log shows an even, streak-free spread: {s}"
+        # 0.5: on a loaded machine a replacement worker starts taking connections a while after its
+        # boot marker (seen: 0.55 of its share from the marker on, HUP and SIGKILL cases).
+        assert s.even(0.5) and not s.streaky(), f"the premise: the log shows an even, streak-free spread: {s}"
     v.assert_no_replacement_blame(run.doc, run.records, run.port, run.known)
     v.assert_verdict_matches_log(run.doc, run.records, run.port, known=run.known,
                                  baseline_tolerance=run.baseline_tolerance)
@@ -257,7 +341,7 @@ def test_fairness_counts_live_workers(run: Run) -> None:
     fair = v.fairness(run.doc)
     assert "live_workers" in fair, fair
     lw = fair["live_workers"]
-    assert 1 <= lw["min"] <= lw["mean"] <= lw["max"] <= run.max_live, (lw, run.max_live)
+    assert run.live_min <= lw["min"] <= lw["mean"] <= lw["max"] <= run.max_live, (lw, run.live_min)
     # The live mean is near the number serving at a time, never the number of pids ever seen.
     lo, hi = run.live_mean
     assert lo <= lw["mean"] <= hi, (lw, run.live_mean)

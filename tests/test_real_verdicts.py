@@ -1,6 +1,8 @@
 """Issue 10 on real third-party servers, steady state: nginx (accept_mutex off/on, reuseport), Apache
-prefork, `uvicorn --workers 4`, gunicorn sync/gthread/UvicornWorker/--reuse-port, ForkingTCPServer and
-ThreadingHTTPServer, each watched by the real CLI under a bounded load.
+prefork/event/worker, php-fpm (static pool), `uvicorn --workers 4` and `--workers 1`, gunicorn sync/
+gthread/UvicornWorker/gevent/tornado/--reuse-port, ForkingTCPServer and ThreadingHTTPServer, each
+watched by the real CLI under a bounded load. (gunicorn 27 has no eventlet worker any more: there is no
+eventlet case.)
 
 Ground truth is each server's own log (tests/realservers.py, tests/realservers_py.py). Each scenario runs
 once (a module-scoped fixture) and is judged by separate tests, so that a wrong answer never hides the
@@ -21,6 +23,8 @@ from tests import groundtruth as gt
 from tests import verdicts as v
 from tests.conftest import kernel_unavailable_reason
 from tests.realservers import APACHE_PATH, start_apache, start_nginx, start_py_server
+from tests.realservers_apache import start_apache_threaded
+from tests.realservers_fpm import start_php_fpm
 from tests.realservers_py import cmdline, start_gunicorn_server, start_uvicorn
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("kernel_ok")]
@@ -71,6 +75,18 @@ SCENARIOS: dict[str, tuple[Callable[[], Any], Expect]] = {
     "gunicorn-uvicornworker": (lambda: start_gunicorn_server(N, "uvicorn"), Expect(4)),
     "gunicorn-reuse-port": (lambda: start_gunicorn_server(N, reuse_port=True), Expect(
         1, mode="reuseport", cause="reuseport-hash", sequence_exact=True)),
+    # Event-loop worker classes: each worker epoll-waits with the listener registered.
+    "gunicorn-gevent": (lambda: start_gunicorn_server(N, "gevent"), Expect(4, cause="lifo-wakeup")),
+    "gunicorn-tornado": (lambda: start_gunicorn_server(N, "tornado"), Expect(4, cause="lifo-wakeup")),
+    # Threaded MPMs: a child's listener thread accepts (event: in epoll; worker: blocked in accept()).
+    "apache-event": (lambda: start_apache_threaded("event", N, threads=2), Expect(
+        1, sequence_exact=True, path=APACHE_PATH, cause="lifo-wakeup")),
+    "apache-worker": (lambda: start_apache_threaded("worker", N, threads=2), Expect(
+        1, sequence_exact=True, path=APACHE_PATH, cause="fifo-wakeup")),
+    # php-fpm (pm static) behind nginx: children block in accept() on the pool's socket (FIFO).
+    "php-fpm-static": (lambda: start_php_fpm(N), Expect(4, cause="fifo-wakeup")),
+    "uvicorn-single": (lambda: start_uvicorn(1), Expect(
+        4, master_role=None, workers=1, mode="single", cause="single-process", pattern="single-acceptor")),
     "forking-tcp-server": (lambda: start_py_server("forking"), Expect(
         4, master_role=None, workers=1, mode=None, cause="single-process", pattern="single-acceptor",
         no_inflight=True)),
@@ -91,8 +107,9 @@ def obs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     srv = start()
     master, port = srv.master_pid, srv.port
     workers, helpers = srv.worker_pids(), srv.helper_pids()
+    load_port = getattr(srv, "http_port", port)  # php-fpm: load goes through its nginx front
     doc, _ = v.watch_during(srv, tmp_path_factory.mktemp(name),
-                           lambda: v.load(port, CONNECTIONS, expect.concurrency, expect.path))
+                           lambda: v.load(load_port, CONNECTIONS, expect.concurrency, expect.path))
     return Observed(name, expect, doc, srv.records(), master, port, workers, helpers)
 
 

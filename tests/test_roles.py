@@ -89,6 +89,40 @@ def test_a_worker_pid_is_resolved_to_its_master() -> None:
         assert discovery.resolve_master(master) == (master, None)
 
 
+# A binary upgrade caught half-way (nginx USR2, gunicorn USR2): the new master is still a child of the
+# old one, holds the same listener, and has a worker of its own.
+UPGRADE = r"""
+import os, socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
+new = os.fork()
+if new == 0:
+    worker = os.fork()
+    if worker == 0:
+        while True:
+            c, _ = s.accept(); c.close()
+    print(f"{os.getpid()} {worker}", flush=True)
+    time.sleep(600)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' fd tables (root)")
+def test_a_new_generation_master_is_named_as_such_not_as_a_worker() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", UPGRADE], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        new_master, worker = map(int, proc.stdout.readline().split())
+        got, note = discovery.resolve_master(new_master)
+        assert got == proc.pid
+        assert note is not None and "is a master started by" in note and "worker" not in note
+        got, note = discovery.resolve_master(worker)
+        assert got == proc.pid and note is not None and f"worker of pid {proc.pid}" in note
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' fd tables (root)")
 def test_successor_is_the_surviving_top_of_the_tree() -> None:
     with server() as (master, kids):

@@ -184,7 +184,11 @@ def test_the_global_stream_cap_refuses_only_new_streams() -> None:
     try:
         socks = [_sse(server.port) for _ in range(MAX_STREAMS + 5)]
         codes = [_status(s) for s in socks]
-        assert codes == [200] * MAX_STREAMS + [503] * 5, codes
+        # Counts, not order: the server may take the connections in any order (the first of our
+        # connects need not be the first it accepts on a loaded machine).
+        assert (codes.count(200), codes.count(503)) == (MAX_STREAMS, 5), codes
+        socks = [s for s, code in zip(socks, codes, strict=True) if code == 200] + \
+            [s for s, code in zip(socks, codes, strict=True) if code != 200]
         status, took = _timed_get(f"http://127.0.0.1:{server.port}/api/snapshot")
         assert status == 200 and took < 1.0
         for s in socks[:3]:

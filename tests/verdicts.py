@@ -54,15 +54,15 @@ def load(port: int, n: int, concurrency: int, path: str = "/") -> ClientResult:
 class Background:
     """run_clients in a thread, for lifecycle steps taken while connections keep coming."""
 
-    def __init__(self, port: int, n: int, concurrency: int) -> None:
+    def __init__(self, port: int, n: int, concurrency: int, path: str = "/") -> None:
         self.result: ClientResult | None = None
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(port, n, concurrency), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(port, n, concurrency, path), daemon=True)
         self._thread.start()
 
-    def _run(self, port: int, n: int, concurrency: int) -> None:
+    def _run(self, port: int, n: int, concurrency: int, path: str) -> None:
         try:
-            self.result = run_clients(port, n, concurrency=concurrency)
+            self.result = run_clients(port, n, concurrency=concurrency, path=path)
         except BaseException as exc:  # re-raised in join()
             self.error = exc
 

@@ -20,6 +20,7 @@ from demo.app import Scope, asgi, sleep_s_from_env, wsgi
 
 RECORD_DIR_ENV = "PIDAPP_RECORD_DIR"
 SLEEP_MS_ENV = "PIDAPP_SLEEP_MS"
+NO_PEER_PORT_ENV = "PIDAPP_NO_PEER_PORT"
 
 
 def _record_dir() -> str:
@@ -51,7 +52,12 @@ def record(peer_port: int) -> None:
 
 def _record_wsgi(environ: dict[str, Any]) -> None:
     # gunicorn always sets REMOTE_PORT for TCP peers; a KeyError here means a broken setup, loudly.
-    record(int(environ["REMOTE_PORT"]))
+    # tornado's WSGIContainer (gunicorn's tornado worker) never sets it: its launcher says so and the
+    # peer port is recorded as 0.
+    if os.environ.get(NO_PEER_PORT_ENV) == "1":
+        record(int(environ.get("REMOTE_PORT") or 0))
+    else:
+        record(int(environ["REMOTE_PORT"]))
 
 
 def _record_asgi(scope: Scope) -> None:
