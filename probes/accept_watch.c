@@ -120,8 +120,7 @@ struct accept_event {
     char comm[16];
 };
 
-#define EVF_WAIT_KNOWN 1
-#define EVF_LISTENER_KNOWN 2
+// EVF_WAIT_KNOWN, EVF_LISTENER_KNOWN: generated from probes/eventring.py (probes/defines.py).
 
 // Processes whose accepts we count: seeded by user space with the master and its
 // descendants, then kept up to date here from sched_process_fork/exit so a worker
@@ -175,37 +174,25 @@ static __always_inline int port_watched(u16 port)
     return v && *v;
 }
 
-static __always_inline u64 read_ptr(u64 base, u32 off)
-{
-    u64 v = 0;
-    if (base)
-        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
-    return v;
-}
+// One kernel field of `type` at base + off (0 when base is 0 or the read fails).
+#define READ_AT(type, base, off) ({                                       \
+    type _v = 0;                                                          \
+    u64 _b = (base);                                                      \
+    if (_b)                                                               \
+        bpf_probe_read_kernel(&_v, sizeof(_v), (void *)(_b + (off)));     \
+    _v;                                                                   \
+})
+#define read_ptr(base, off) READ_AT(u64, base, off)
+#define read_u32(base, off) READ_AT(u32, base, off)
+#define read_u16(base, off) READ_AT(u16, base, off)
+#define read_u8(base, off) READ_AT(u8, base, off)
 
-static __always_inline u32 read_u32(u64 base, u32 off)
-{
-    u32 v = 0;
-    if (base)
-        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
-    return v;
-}
-
-static __always_inline u16 read_u16(u64 base, u32 off)
-{
-    u16 v = 0;
-    if (base)
-        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
-    return v;
-}
-
-static __always_inline u8 read_u8(u64 base, u32 off)
-{
-    u8 v = 0;
-    if (base)
-        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
-    return v;
-}
+// Two fields of one struct whose BTF offsets lie within 16 bytes of each other are read with one
+// bpf_probe_read_kernel (each read is a helper call with its own fault handling). The offsets are
+// this kernel's: ADJACENT(lo, lo_size, hi, hi_size) decides at compile time, and the separate reads
+// are the other branch. The fields are copied out of the span with memcpy (no endianness assumed).
+#define ADJACENT(lo, lo_size, hi, hi_size) ((hi) >= (lo) + (lo_size) && (hi) + (hi_size) - (lo) <= 16)
+#define SPAN_LEN(lo, hi, hi_size) ((hi) + (hi_size) - (lo))
 
 // The current task's open-file table (task->files->fdt): read once per accept, shared by the
 // accepted fd and the listening fd.
@@ -219,8 +206,15 @@ static __always_inline int current_fd_table(struct fd_table *t)
     u64 fdt = read_ptr(read_ptr(bpf_get_current_task(), OFF_TASK_FILES), OFF_FILES_FDT);
     if (!fdt)
         return 0;
+#if ADJACENT(OFF_FDT_MAX_FDS, 4, OFF_FDT_FD, 8)
+    u8 span[16] = {};
+    bpf_probe_read_kernel(span, SPAN_LEN(OFF_FDT_MAX_FDS, OFF_FDT_FD, 8), (void *)(fdt + OFF_FDT_MAX_FDS));
+    __builtin_memcpy(&t->max_fds, span, 4);
+    __builtin_memcpy(&t->fd, span + (OFF_FDT_FD - OFF_FDT_MAX_FDS), 8);
+#else
     t->max_fds = read_u32(fdt, OFF_FDT_MAX_FDS);
     t->fd = read_ptr(fdt, OFF_FDT_FD);
+#endif
     return t->fd != 0;
 }
 
@@ -335,8 +329,16 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
 
 static __always_inline void count_listener(u64 listener_sk, u64 ino, u16 port, u32 *depth, u32 *limit)
 {
+#if ADJACENT(OFF_SK_ACK_BACKLOG, 4, OFF_SK_MAX_ACK_BACKLOG, 4)
+    u8 span[16] = {};
+    bpf_probe_read_kernel(span, SPAN_LEN(OFF_SK_ACK_BACKLOG, OFF_SK_MAX_ACK_BACKLOG, 4),
+                          (void *)(listener_sk + OFF_SK_ACK_BACKLOG));
+    __builtin_memcpy(depth, span, 4);
+    __builtin_memcpy(limit, span + (OFF_SK_MAX_ACK_BACKLOG - OFF_SK_ACK_BACKLOG), 4);
+#else
     *depth = read_u32(listener_sk, OFF_SK_ACK_BACKLOG);
     *limit = read_u32(listener_sk, OFF_SK_MAX_ACK_BACKLOG);
+#endif
     struct listener_val zero = {.port = port};
     struct listener_val *lv = listener_stats.lookup_or_try_init(&ino, &zero);
     if (!lv) {
@@ -381,7 +383,18 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     u32 tgid = pid_tgid >> 32;
     u64 now = bpf_ktime_get_ns();
 
-    u16 family = read_u16(sk, OFF_SK_FAMILY);
+    // skc_family and skc_state: neighbours in sock_common, one read where this kernel allows.
+    u16 family = 0;
+    u8 state = 0;
+#if ADJACENT(OFF_SK_FAMILY, 2, OFF_SK_STATE, 1)
+    u8 span[16] = {};
+    bpf_probe_read_kernel(span, SPAN_LEN(OFF_SK_FAMILY, OFF_SK_STATE, 1), (void *)(sk + OFF_SK_FAMILY));
+    __builtin_memcpy(&family, span, 2);
+    state = span[OFF_SK_STATE - OFF_SK_FAMILY];
+#else
+    family = read_u16(sk, OFF_SK_FAMILY);
+    state = read_u8(sk, OFF_SK_STATE);
+#endif
     if (family != AW_AF_INET && family != AW_AF_INET6) {
         diag_inc(DIAG_NON_INET);
         return;
@@ -413,7 +426,7 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     // In-flight: followed to its close by the state-change tracepoint, when that is on. Not a socket
     // that already died (TCP_CLOSE): no transition would ever remove its entry.
     int tracked = 0;
-    if (config_get(CFG_INFLIGHT) && port_watched(lport) && read_u8(sk, OFF_SK_STATE) != AW_TCP_CLOSE) {
+    if (config_get(CFG_INFLIGHT) && port_watched(lport) && state != AW_TCP_CLOSE) {
         struct conn fresh = {.accepted_ns = now, .tgid = tgid, .port = lport};
         if (conns.update(&sk, &fresh) == 0)
             tracked = 1;
@@ -561,13 +574,22 @@ static __always_inline void on_accept_enter(int fd)
 static __always_inline void on_accept_exit(long ret)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    int backstop_on = config_get(CFG_BACKSTOP) != 0;
     if (config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT) {
         // The backstop, switched off (not detached) once retired: see AcceptProbes.retire_backstop.
-        if (!config_get(CFG_BACKSTOP))
+        if (!backstop_on)
             return;
         backstop_pending.delete(&tid);   // this thread's accept in progress at attach has returned
     }
-    struct accept_call *call = in_accept.lookup(&tid);
+    struct accept_call *call = 0;
+#if LISTENER_FROM_REGS
+    // Nothing can be in in_accept for this thread unless sys_enter stashes (attached only without
+    // LISTENER_FROM_REGS, or for the kretprobe, which runs with CFG_BACKSTOP on) or fexit/kretprobe
+    // mark (only with CFG_BACKSTOP on, also while they are being tried): with it off, a lookup
+    // that always misses is skipped.
+    if (backstop_on)
+#endif
+        call = in_accept.lookup(&tid);
     // An entry exists only for tracked threads (sys_enter's stash, or fexit/kretprobe's mark).
     if (!call && !is_tracked())
         return;

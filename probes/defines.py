@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from . import histogram
+from .eventring import EVF_LISTENER_KNOWN, EVF_WAIT_KNOWN
 from .records import DIAG_SLOTS, Counter, EventSource, ProbeKind
 
 
@@ -53,6 +54,9 @@ def generated_defines(layout_defines: dict[str, int]) -> dict[str, int]:
     out.update(histogram.c_defines())
     out.update(MAP_SIZES)
     out["RINGBUF_PAGES"] = RINGBUF_PAGES
+    # Flags of a ring-buffer record: probes/eventring.py decodes them, the C sets them.
+    out["EVF_WAIT_KNOWN"] = EVF_WAIT_KNOWN
+    out["EVF_LISTENER_KNOWN"] = EVF_LISTENER_KNOWN
     return out
 
 
