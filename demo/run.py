@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None, watch: Watch | None = None) -> int:
     if stats is not None:
         print(f"demo: load generator: {stats.ok} ok, {stats.failed} failed"
               + (f" (last error: {stats.last_error})" if stats.failed else ""))
+        print("demo: (the load is stopped after accept-watch's final read, so it counts the requests "
+              "made in between, which the export does not)")
     if export.exists():
         print(f"demo: JSON export: {export}")
     else:
