@@ -256,8 +256,11 @@ def _apache_graceful(tmp: Path) -> Run:
         v.load(srv.port, 100, 2, APACHE_PATH)
 
     doc, _ = v.watch_during(srv, tmp, action)
+    # Two generations overlap for a moment, as in the nginx reload above: the same baseline model limit
+    # (0.072 seen once in a loaded clean-clone run), so the same wider tolerance.
     return Run(doc, srv.records(), srv.port, set(first), [srv.master_pid], max_live=2 * N,
-               even_expected=False, known=gt.from_membership(first, state.get("final", [])))
+               even_expected=False, known=gt.from_membership(first, state.get("final", [])),
+               baseline_tolerance=0.1)
 
 
 def _uvicorn_kill_worker(tmp: Path) -> Run:
