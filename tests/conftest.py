@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
+from browser import Chromium, chromium_available
 
 STRICT_MARKERS = ("kernel", "browser", "containers")
 
@@ -35,6 +37,18 @@ def kernel_unavailable_reason() -> str | None:
 
 def browser_unavailable_reason() -> str | None:
     return None if shutil.which("chromium") else "Debian's chromium is not installed (make setup)"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Chromium]:
+    """One Chromium per test module. Fails rather than skips under CI, also for tests not marked
+    `browser` (the skip-to-failure hook below only sees marked ones)."""
+    if not chromium_available():
+        if in_ci():
+            pytest.fail("/usr/bin/chromium is missing: browser tests cannot be skipped under CI")
+        pytest.skip("/usr/bin/chromium is missing")
+    with Chromium() as b:
+        yield b
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,16 +31,6 @@ READ_PAGE = f"""JSON.stringify({{
                          text: r.textContent}})),
   status: document.querySelector('[data-testid=status]').textContent,
 }})"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Chromium]:
-    if not chromium_available():
-        if os.environ.get("CI"):
-            pytest.fail("/usr/bin/chromium is missing: browser tests cannot be skipped under CI")
-        pytest.skip("/usr/bin/chromium is missing")
-    with Chromium() as b:
-        yield b
 
 
 def read(page: Page) -> dict:

@@ -4,11 +4,9 @@ container (real page in Debian's chromium, the synthetic source dressed as a con
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 
 import pytest
-from browser import Chromium, chromium_available
+from browser import Chromium
 
 from accept_watch.dashboard import DashboardServer
 from accept_watch.dashboard.demo import SyntheticSource
@@ -30,16 +28,6 @@ class InContainer(SyntheticSource):
         # The synthetic source runs the real aggregator, whose document lists the master too.
         assert doc["workers"][0]["pid"] == self.master_pid and doc["workers"][0]["nspid"] == 1
         return doc
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Chromium]:
-    if not chromium_available():
-        if os.environ.get("CI"):
-            pytest.fail("/usr/bin/chromium is missing: browser tests cannot be skipped under CI")
-        pytest.skip("/usr/bin/chromium is missing")
-    with Chromium() as b:
-        yield b
 
 
 def test_page_shows_nspid_and_container(browser: Chromium) -> None:

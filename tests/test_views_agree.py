@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import html
 import json
-import os
-from collections.abc import Iterator
 
 import pytest
-from browser import Chromium, chromium_available
+from browser import Chromium
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -81,16 +79,6 @@ def test_metrics_state_the_verdict_of_every_port(source: SyntheticSource, doc: d
     fair = doc["analysis"]["competitors"]["fair_share"]
     assert set(owed) == {str(p) for p in doc["analysis"]["competitors"]["pids"]}
     assert all(v == pytest.approx(fair, abs=0.002) for v in owed.values())  # nobody exited: 1/n each
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Chromium]:
-    if not chromium_available():
-        if os.environ.get("CI"):
-            pytest.fail("/usr/bin/chromium is missing: browser tests cannot be skipped under CI")
-        pytest.skip("/usr/bin/chromium is missing")
-    with Chromium() as b:
-        yield b
 
 
 @pytest.mark.browser
