@@ -184,16 +184,20 @@ def _pid_map(raw: Any, where: str, kind: type) -> dict[int, Any]:
 
 
 def _spans(entry: Mapping[str, Any], where: str) -> dict[int, tuple[float, float]]:
-    raw = entry.get("spans") or {}
+    """The live spans the baseline weighs: on the accept clock; in seconds from exports made before
+    the accept clock existed."""
+    key = "accept_spans" if entry.get("accept_spans") else "spans"
+    where = f"{where}.{key}"
+    raw = entry.get(key) or {}
     if not isinstance(raw, Mapping):
-        raise ValueError(f"analysis: {where}.spans must be an object")
+        raise ValueError(f"analysis: {where} must be an object")
     out: dict[int, tuple[float, float]] = {}
     for k, v in raw.items():
         if (not str(k).isdigit() or not isinstance(v, list | tuple) or len(v) != 2
                 or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
                            for x in v)
                 or v[0] > v[1]):
-            raise ValueError(f"analysis: {where}.spans[{k!r}] must be [first, last] seconds, got {v!r}")
+            raise ValueError(f"analysis: {where}[{k!r}] must be [first, last], got {v!r}")
         out[int(k)] = (float(v[0]), float(v[1]))
     return out
 

@@ -187,6 +187,9 @@ class PortShares(_Open):
     live_workers: LiveWorkers | None = None
     spans: dict[str, tuple[Num, Num]] = Field(
         default_factory=dict, description="pid -> [first, last] accept on this port, seconds since the start")
+    accept_spans: dict[str, tuple[Num, Num]] = Field(
+        default_factory=dict, description="the same spans on the port's accept clock (how many accepts the "
+        "port had made by then): what the same-worker baseline weighs, so idle time weighs nothing")
 
 
 class Master(_Open):

@@ -9,9 +9,13 @@ is owed exactly what it got there: when it was live within the interval is known
 guess would read as unfairness; it is judged on its steady intervals.
 
 "The same worker twice in a row" is judged against independent draws among the workers live at the
-same time as each acceptor: two workers are live together when their live spans overlap. A worker's
-live span is its accept span (first to last accept on the port, exact from the kernel) widened by the
-read intervals it was live all through (alive at both ends, holding the listener): so two generations
+same time as each acceptor: two workers are live together when their live spans overlap. Spans are
+measured on the port's accept clock, not in seconds: the kernel numbers each accept on a port and
+keeps, per worker, the numbers of its first and last accept, so a worker's place among everyone's
+accepts is exact however bursty the load within one read, and an idle stretch weighs nothing (it holds
+no pair of consecutive accepts to judge). A worker's live span is its accept span (first to last
+accept on the port) widened by the read intervals it was live all through (alive at both ends,
+holding the listener): so two generations
 that follow each other within an interval are not mixed, however fast they turn over, and a worker
 that accepts rarely (EPOLLEXCLUSIVE concentration: it waits all along but seldom wins) is not taken as
 absent before its first and after its last accept. (Seen on `nginx -s reload` with --events: accept
@@ -121,10 +125,11 @@ def self_baseline(observed: Mapping[int, int], expected: Mapping[int, float],
     """Expected rate of 'same worker twice in a row' if each accept were an independent draw among the
     workers live at that moment, each weighted by its strength (observed / expected: 1.0 = fair).
 
-    A worker is taken as live over its accept span (first to last accept); its accepts as spread
-    evenly over it. For acceptor i, the chance is the mean over its span of s_i / S(t), S(t) the
-    summed strength of the workers live at t; averaged with weights successors[i] (its recorded
-    successors). With every span overlapping throughout this is sum(p_i^2), the textbook figure.
+    spans: each worker's live span on one axis for all (the accept clock; seconds in old exports).
+    Its accepts are taken as spread evenly over it. For acceptor i, the chance is the mean over its
+    span of s_i / S(t), S(t) the summed strength of the workers live at t; averaged with weights
+    successors[i] (its recorded successors). With every span overlapping throughout this is
+    sum(p_i^2), the textbook figure.
     O(n log n) in the number of workers: one sweep, then a prefix integral of 1/S(t)."""
     strength = {p: (observed.get(p, 0) / e if e > 0 else 1.0) for p, e in expected.items()}
     live = {p: ab for p, ab in spans.items() if strength.get(p, 1.0) > 0}
@@ -173,6 +178,10 @@ class ShareTracker:
         self.spans: dict[int, dict[int, tuple[int, int]]] = {}  # port -> pid -> (first, last) accept ns
         # port -> pid -> (from, until) ns of the intervals it was live all through
         self.steady: dict[int, dict[int, tuple[int, int]]] = {}
+        # The same two, on the port's accept clock (see AcceptClock): what the baseline integrates over.
+        self.accept_spans: dict[int, dict[int, tuple[float, float]]] = {}
+        self.accept_steady: dict[int, dict[int, tuple[float, float]]] = {}
+        self._port_total: dict[int, int] = {}
         self._accepts: dict[tuple[int, int], int] = {}
         self._alive: frozenset[int] | None = frozenset(alive) if alive is not None else None
         self._last_ns = start_ns
@@ -180,10 +189,14 @@ class ShareTracker:
     def update(self, accepts: Mapping[tuple[int, int], int], workers_by_port: Mapping[int, Iterable[int]],
                alive: Iterable[int], now_ns: int,
                spans: Mapping[tuple[int, int], tuple[int, int]] | None = None,
-               born: Mapping[int, int] | None = None) -> None:
+               born: Mapping[int, int] | None = None,
+               seq_spans: Mapping[tuple[int, int], tuple[int, int]] | None = None) -> None:
         """accepts: (pid, port) -> cumulative accepts; workers_by_port: the workers holding each port's
         listener now; alive: pids alive now; spans: (pid, port) -> (first, last) accept time; born:
-        pid -> when the process started, where known (all CLOCK_MONOTONIC ns)."""
+        pid -> when the process started, where known (all CLOCK_MONOTONIC ns); seq_spans: (pid, port)
+        -> the port's accept sequence numbers at its first and last accept (the kernel's; 0: unknown).
+        Given, the accept clock is the kernel's sequence; else (a source without it) the interval's
+        accepts are placed evenly over its time."""
         alive_now = frozenset(alive)
         start_ns = self._last_ns if self._last_ns is not None else now_ns
         spans = spans or {}
@@ -216,6 +229,33 @@ class ShareTracker:
             for pid in steady:
                 lo, hi = extent.get(pid, (start_ns, now_ns))
                 extent[pid] = (min(lo, start_ns), max(hi, now_ns))
+            prev_end = self._port_total.get(port, 0)
+            if seq_spans is not None:
+                ends = [seq_spans.get((pid, port), (0, 0))[1] for pid in accepted]
+                end = max([prev_end, *ends])
+            else:
+                end = prev_end + sum(accepted.values())
+            clock = AcceptClock(start_ns, now_ns, prev_end, end - prev_end)
+            self._port_total[port] = clock.end
+            on_clock = self.accept_steady.setdefault(port, {})
+            for pid in steady:
+                lo_c, hi_c = on_clock.get(pid, (clock.start, clock.end))
+                on_clock[pid] = (min(lo_c, clock.start), max(hi_c, clock.end))
+            known = self.spans.get(port, {})
+            mapped = self.accept_spans.setdefault(port, {})
+            for pid in accepted:
+                first_seq, last_seq = (seq_spans or {}).get((pid, port), (0, 0))
+                if first_seq and last_seq:
+                    # Sequence k is the k-th accept: it occupies [k - 1, k] on the clock.
+                    mapped[pid] = (float(first_seq - 1), float(max(first_seq, last_seq)))
+                    continue
+                first, last = spans.get((pid, port), (now_ns, now_ns))
+                before_c = mapped.get(pid)
+                # Only an end that moved during this interval lies in it; an unchanged one keeps the
+                # position it was given when it did.
+                first_c = before_c[0] if before_c else clock.at(first)
+                last_c = before_c[1] if before_c and known.get(pid, (0, -1))[1] == last else clock.at(last)
+                mapped[pid] = (first_c, max(first_c, last_c))
         for (pid, port), span in spans.items():
             self.spans.setdefault(port, {})[pid] = span
         self._accepts = dict(accepts)
@@ -225,7 +265,8 @@ class ShareTracker:
     def fold(self, pid: int) -> None:
         for ps in self.ports.values():
             ps.fold(pid)
-        for spans in (*self.spans.values(), *self.steady.values()):
+        for spans in (*self.spans.values(), *self.steady.values(), *self.accept_spans.values(),
+                      *self.accept_steady.values()):
             spans.pop(pid, None)
 
     def live_spans(self, port: int) -> dict[int, tuple[int, int]]:
@@ -237,6 +278,15 @@ class ShareTracker:
             out[pid] = (min(a, lo), max(b, hi))
         return out
 
+    def live_accept_spans(self, port: int) -> dict[int, tuple[float, float]]:
+        """live_spans() on the port's accept clock."""
+        extent = self.accept_steady.get(port, {})
+        out = {}
+        for pid, (a, b) in self.accept_spans.get(port, {}).items():
+            lo, hi = extent.get(pid, (a, b))
+            out[pid] = (min(a, lo), max(b, hi))
+        return out
+
     def to_doc(self, rel_s: Callable[[int], float]) -> dict[str, Any]:
         """rel_s: CLOCK_MONOTONIC ns -> seconds since the run started (the document's time base)."""
         out = {}
@@ -244,5 +294,34 @@ class ShareTracker:
             d = ps.to_doc()
             d["spans"] = {str(p): [round(rel_s(a), 3), round(rel_s(b), 3)]
                           for p, (a, b) in sorted(self.live_spans(port).items())}
+            d["accept_spans"] = {str(p): [round(float(a), 2), round(float(b), 2)]
+                                 for p, (a, b) in sorted(self.live_accept_spans(port).items())}
             out[str(port)] = d
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptClock:
+    """One read interval on a port's accept clock: the clock reads how many accepts the port had made
+    (a fraction within the interval, whose accepts are taken as spread evenly over its time).
+
+    The same-worker baseline integrates over this clock, not over seconds: an idle stretch (a load
+    pause while a killed worker is respawned, a quiet night) then weighs nothing, as it holds no
+    consecutive accepts to judge; over seconds it weighed as much as a busy stretch, with whoever was
+    live during it (seen: uvicorn, a worker SIGKILLed between two bursts, baseline 0.39 against 0.32
+    from the log)."""
+
+    start_ns: int
+    end_ns: int
+    start: int  # port accepts before the interval
+    count: int  # port accepts during it
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+    def at(self, t_ns: int) -> float:
+        if self.end_ns <= self.start_ns:
+            return float(self.end)
+        f = min(1.0, max(0.0, (t_ns - self.start_ns) / (self.end_ns - self.start_ns)))
+        return self.start + self.count * f

@@ -286,12 +286,16 @@ class Aggregator:
     def _apply_shares(self, snapshot: KernelSnapshot, topology: Topology, now: int) -> None:
         accepts: dict[tuple[int, int], int] = {}
         spans: dict[tuple[int, int], tuple[int, int]] = {}
+        seqs: dict[tuple[int, int], tuple[int, int]] = {}
         for wc in snapshot.workers:
             key = (wc.pid, wc.port)
             accepts[key] = accepts.get(key, 0) + wc.accepts
             if wc.accepts:
                 first, last = spans.get(key, (wc.first_ns, wc.last_ns))
                 spans[key] = (min(first, wc.first_ns), max(last, wc.last_ns))
+                if wc.first_seq and wc.last_seq:
+                    first, last = seqs.get(key, (wc.first_seq, wc.last_seq))
+                    seqs[key] = (min(first, wc.first_seq), max(last, wc.last_seq))
         by_port: dict[int, set[int]] = {}
         for lst in topology.listeners:
             by_port.setdefault(lst.port, set()).update(lst.pids)
@@ -310,7 +314,9 @@ class Aggregator:
         offset_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
         born = {pid: int((w.create_time - boot_s) * 1e9) - offset_ns for pid, w in self._workers.items()
                 if w.create_time is not None}
-        self._shares.update(accepts, by_port, alive, now, spans, born)
+        # Every source that knows the kernel's per-port accept sequence gives it for all its accepting
+        # workers; a source that never does (synthetic, old tests) gets the time-spread clock.
+        self._shares.update(accepts, by_port, alive, now, spans, born, seqs if seqs else None)
 
     def _apply_topology(self, topology: Topology, now: int) -> None:
         for pid, info in topology.processes.items():

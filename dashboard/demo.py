@@ -46,6 +46,8 @@ class _Cell:
     last_ns: int = 0
     wait_sum_ns: int = 0
     wait_max_ns: int = 0
+    first_seq: int = 0  # the port's accept sequence number at the first and last accept
+    last_seq: int = 0
     hist: Counter[int] = field(default_factory=Counter)
 
 
@@ -185,6 +187,8 @@ class SyntheticSource:
         cell.wait_max_ns = max(cell.wait_max_ns, wait_ns)
         cell.hist[bucket_index(wait_ns)] += 1
         self._listener_accepts[port] += 1
+        cell.first_seq = cell.first_seq or self._listener_accepts[port]
+        cell.last_seq = self._listener_accepts[port]
         self._transitions[(port, self._prev.get(port, 0), pid)] += 1
         self._prev[port] = pid
         self._agg.add_event(AcceptEvent(
@@ -196,7 +200,7 @@ class SyntheticSource:
         snap = KernelSnapshot(
             self._now,
             tuple(WorkerCounters(pid, port, c.accepts, c.first_ns, c.last_ns, c.accepts, c.wait_sum_ns,
-                                 c.wait_max_ns, closed=c.accepts)
+                                 c.wait_max_ns, closed=c.accepts, first_seq=c.first_seq, last_seq=c.last_seq)
                   for (pid, port), c in sorted(self._cells.items())),
             {key: dict(c.hist) for key, c in self._cells.items()},
             tuple(ListenerCounters(self._inode(port), port, self._listener_accepts[port],

@@ -44,6 +44,10 @@ struct worker_val {
     u64 closed;
     u64 life_sum_ns;   // accept -> close
     u64 life_max_ns;
+    // The port's accept sequence number at this worker's first and last accept (see port_seq): where
+    // its accepts lie among everyone's, which the same-worker baseline needs (daemon/fairshare.py).
+    u64 first_seq;     // min over CPUs (0 = this CPU saw none)
+    u64 last_seq;      // max over CPUs
 };
 
 // Hidden in-worker queueing: connections accepted and not yet closed by this worker. The one
@@ -83,6 +87,14 @@ struct listener_val {
     u32 depth_max;
     u32 backlog_limit;
     u32 pad;
+};
+
+// Per listening port: who accepted last (for transitions) and how many accepts the port has had (its
+// sequence number: a clock that only moves when someone accepts).
+struct port_seq {
+    u32 tgid;
+    u32 pad;
+    u64 seq;
 };
 
 struct trans_key {
@@ -134,7 +146,7 @@ BPF_HASH(worker_live, struct worker_key, struct worker_live, MAX_WORKER_KEYS);
 BPF_HASH(wait_hist, struct hist_key, u64, MAX_HIST_KEYS);
 // Every worker accepts on the same listener: per CPU, or its line would move at every accept.
 BPF_F_TABLE("percpu_hash", u64, struct listener_val, listener_stats, MAX_LISTENERS, BPF_F_NO_PREALLOC);
-BPF_HASH(last_acceptor, u16, u32, MAX_LISTENERS);
+BPF_HASH(last_acceptor, u16, struct port_seq, MAX_LISTENERS);
 BPF_HASH(transitions, struct trans_key, u64, MAX_TRANSITIONS);
 // Per thread (tid): the accept() it is in. Entries are reused call after call (written in place,
 // which is far cheaper than inserting and deleting) and removed when the thread exits.
@@ -278,13 +290,14 @@ static __always_inline u16 hist_bucket(u64 v)
 }
 
 // tracked: the connection is followed to its close (in-flight counts and accept->close time).
-static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_ns, int wait_known,
+// seq: the port's accept sequence number for this accept (0: unknown).
+static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 seq, u64 wait_ns, int wait_known,
                                          int backstop, int tracked)
 {
     struct worker_key key = {.tgid = tgid, .port = port};
     struct worker_val *val = worker_stats.lookup(&key);
     if (!val) {
-        struct worker_val zero = {.first_ns = now};
+        struct worker_val zero = {.first_ns = now, .first_seq = seq};
         worker_stats.insert(&key, &zero);   // BPF_NOEXIST; this CPU's copy is the one we get back
         val = worker_stats.lookup(&key);
         if (!val) {
@@ -294,6 +307,8 @@ static __always_inline void count_worker(u32 tgid, u16 port, u64 now, u64 wait_n
     }
     __sync_fetch_and_add(&val->accepts, 1);
     val->last_ns = now;
+    if (seq > val->last_seq)
+        val->last_seq = seq;
     if (backstop)
         __sync_fetch_and_add(&val->backstop, 1);
     if (tracked) {
@@ -355,24 +370,34 @@ static __always_inline void count_listener(u64 listener_sk, u64 ino, u16 port, u
 
 // Which worker's accept follows which, per port: the sequence statistics (round-robin vs
 // LIFO concentration vs hash spread) without streaming every connection to user space.
-static __always_inline void count_transition(u32 tgid, u16 port)
+// Returns this accept's sequence number on the port (0: unknown). The increment is one atomic on the
+// port's entry, a line the acceptor switch below writes anyway whenever the acceptor changes.
+static __always_inline u64 count_transition(u32 tgid, u16 port)
 {
-    u32 *prev = last_acceptor.lookup(&port);
+    struct port_seq *prev = last_acceptor.lookup(&port);
     if (!prev) {
         // One entry per listening port: full only with more ports than MAX_LISTENERS.
-        if (last_acceptor.update(&port, &tgid) != 0)
+        struct port_seq first = {.tgid = tgid, .seq = 1};
+        if (last_acceptor.update(&port, &first) != 0) {
             diag_inc(DIAG_TRANSITIONS_MAP_FULL);
-        return;
+            return 0;
+        }
+        return 1;
     }
-    struct trans_key tk = {.prev_tgid = *prev, .tgid = tgid, .port = port};
-    if (*prev != tgid)
-        *prev = tgid;   // in place (an update() would allocate), and only when it changes
+    // The fetching form of atomic add needs kernel 5.12+: add, then read (two CPUs racing may read
+    // the same number: a worker's place is then off by one).
+    __sync_fetch_and_add(&prev->seq, 1);
+    u64 seq = prev->seq;
+    struct trans_key tk = {.prev_tgid = prev->tgid, .tgid = tgid, .port = port};
+    if (prev->tgid != tgid)
+        prev->tgid = tgid;   // in place (an update() would allocate), and only when it changes
     u64 zero = 0;
     u64 *cnt = transitions.lookup_or_try_init(&tk, &zero);
     if (cnt)
         __sync_fetch_and_add(cnt, 1);
     else
         diag_inc(DIAG_TRANSITIONS_MAP_FULL);
+    return seq;
 }
 
 // The one event-building core, shared by all three hooks.
@@ -437,8 +462,8 @@ static __always_inline void record_accept(u64 sk, u64 listener_sk, u64 listener_
     int backstop = source == SRC_SYSCALL_EXIT && config_get(CFG_PROBE_KIND) != PROBE_KIND_TRACEPOINT;
     if (backstop)
         diag_inc(DIAG_BACKSTOP_ACCEPTS);
-    count_worker(tgid, lport, now, wait_ns, wait_known, backstop, tracked);
-    count_transition(tgid, lport);
+    u64 seq = count_transition(tgid, lport);
+    count_worker(tgid, lport, now, seq, wait_ns, wait_known, backstop, tracked);
 
     u32 depth = 0, limit = 0;
     if (listener_sk)

@@ -177,6 +177,7 @@ def compiler_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int
 def _worker(pid: int, port: int, per_cpu: Any, live: tuple[int, int, int]) -> WorkerCounters:
     """One worker's per-CPU counters summed (first seen: the earliest CPU's; 0 = none on that CPU)."""
     firsts = [c.first_ns for c in per_cpu if c.first_ns]
+    first_seqs = [c.first_seq for c in per_cpu if c.first_seq]
     inflight, inflight_max, busy = live
     return WorkerCounters(
         pid=pid, port=port, accepts=sum(c.accepts for c in per_cpu), first_ns=min(firsts, default=0),
@@ -185,6 +186,7 @@ def _worker(pid: int, port: int, per_cpu: Any, live: tuple[int, int, int]) -> Wo
         backstop_accepts=sum(c.backstop for c in per_cpu), inflight=max(0, inflight),
         inflight_max=inflight_max, busy_accepts=busy, closed=sum(c.closed for c in per_cpu),
         life_sum_ns=sum(c.life_sum_ns for c in per_cpu), life_max_ns=max(c.life_max_ns for c in per_cpu),
+        first_seq=min(first_seqs, default=0), last_seq=max(c.last_seq for c in per_cpu),
     )
 
 

@@ -102,6 +102,10 @@ class WorkerCounters:
     closed: int = 0
     life_sum_ns: int = 0  # accept -> close, summed over `closed`
     life_max_ns: int = 0
+    # The port's accept sequence number (its accepts counted from attach) at this worker's first and
+    # last accept; 0: unknown (a source without it).
+    first_seq: int = 0
+    last_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -380,6 +380,11 @@ def test_counts_from_several_cpus_are_summed(layout) -> None:
     (w,) = [w for w in snap.workers if w.pid == os.getpid()]
     assert (w.accepts, w.wait_count, w.closed) == (2 * n, 2 * n, 2 * n)
     assert w.first_ns == min(c.first_ns for c in per_cpu if c.first_ns) and w.last_ns >= w.first_ns
+    # The port's accept sequence: 1..n on the first CPU, n+1..2n on the second (one accepting thread,
+    # so no two accepts race for a number). First values are set where the entry was created (the
+    # other CPU's copy keeps 0, like first_ns); the snapshot takes the earliest first, the latest last.
+    assert sorted((c.first_seq, c.last_seq) for c in per_cpu if c.accepts) == [(0, 2 * n), (1, n)]
+    assert (w.first_seq, w.last_seq) == (1, 2 * n)
     (lst,) = snap.listeners
     assert lst.accepts == 2 * n
 
