@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SETUP := bash scripts/setup.sh
 
-.PHONY: setup demo test lint bench bench-serve kernel-matrix containers install-check systemd-check clean
+.PHONY: setup demo test lint bench bench-serve bench-startup kernel-matrix containers install-check systemd-check clean
 
 setup:
 	@$(SETUP)
@@ -42,11 +42,16 @@ systemd-check: setup
 	@python3 scripts/install-check/run.py --suites trixie --checks install,systemd $(IC_ARGS)
 
 bench: setup
-	@$(PY) scripts/bench.py $(BENCH_ARGS)
+	@$(PY) -m scripts.bench $(BENCH_ARGS)
 
 # accept-watch serve under --max-requests churn: RSS and pid series sampled over time (docs/bench-serve.md)
 bench-serve: setup
 	@$(PY) scripts/bench/serve_churn.py $(BENCH_SERVE_ARGS)
+
+# Launch -> attached phase by phase and RSS once attached, this tree vs an earlier commit, interleaved
+# (docs/bench-startup.md; a few minutes)
+bench-startup: setup
+	@$(PY) scripts/bench_startup.py $(BENCH_STARTUP_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

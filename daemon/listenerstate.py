@@ -58,7 +58,11 @@ class ListenerTable:
 
     def apply_counters(self, snapshot: KernelSnapshot, depths: Mapping[int, int], now: int,
                        rel_s: Callable[[int], float]) -> None:
-        self._kernel = {lc.inode: lc for lc in snapshot.listeners}
+        fresh = {lc.inode: lc for lc in snapshot.listeners}
+        # A closed listener's kernel entry may be deleted (serve prunes them after the retention time):
+        # its last counters stay while the listener is listed.
+        kept = {i: lc for i, lc in self._kernel.items() if i in self._listeners and i not in fresh}
+        self._kernel = {**kept, **fresh}
         for lc in snapshot.listeners:
             if lc.inode not in self._listeners:
                 # Counted by the kernel but never seen by discovery (opened and closed between two

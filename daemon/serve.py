@@ -29,6 +29,7 @@ from accept_watch.probes.records import KernelSnapshot, ProbeKind
 from . import discovery, export, resolve, sockdiag
 from .backstop import Backstop
 from .exportsink import ExportSink
+from .listenerprune import ListenerPruner
 from .safefile import ExportError
 from .sanitize import clean
 from .serveopts import ServeOptions, options_from_argv
@@ -72,7 +73,10 @@ class Serve:
         self.kernel = Kernel(track=self._track, watch_ports=self._watch_ports, owners=self.owners, say=say,
                              retention_s=opts.retention)
         self.targets: list[Target] = []
-        self.counters = {"pruned_workers": 0, "refused_targets": 0, "unowned_workers": 0}
+        self.counters = {"pruned_workers": 0, "pruned_listeners": 0, "refused_targets": 0,
+                         "unowned_workers": 0}
+        self._listener_pruner = ListenerPruner(opts.retention)
+        self._kernel_listeners: dict[int, int] = {}  # inode -> port, from the latest snapshot
         self._unowned: dict[int, None] = {}  # counted pids no target could be given (bounded)
         self._refused: dict[int, None] = {}  # --all masters over the target cap, said once
         self._probes: Any = None
@@ -229,6 +233,7 @@ class Serve:
 
     def _tick(self, snapshot: KernelSnapshot, now: float, backstop_doc: Any) -> None:
         self._assign_owners(snapshot)
+        self._kernel_listeners = {lst.inode: lst.port for lst in snapshot.listeners}
         depths = _listen_depths()
         own_netns = _netns(os.getpid())
         with self._lock:
@@ -338,6 +343,13 @@ class Serve:
             for p in gone:
                 del self._unowned[p]
             self._prune_pids(probes, doomed | gone)
+            up = [t.topology for t in self.targets if t.topology is not None]
+            inodes, ports = self._listener_pruner.due(
+                self._kernel_listeners, (i for topo in up for i in topo.inodes),
+                (p for topo in up for p in topo.ports), time.monotonic())
+            if inodes or ports:
+                probes.forget_listeners(inodes, ports)
+                self.counters["pruned_listeners"] += len(inodes)
 
     def _prune_pids(self, probes: Any, doomed: set[int]) -> None:
         if not doomed:
@@ -382,7 +394,7 @@ class Serve:
         return [(t.name, t.up, t.latest) for t in targets]  # type: ignore[misc]
 
     def daemon_counters(self) -> dict[str, float]:
-        return dict(self.counters)
+        return {**self.counters, "kernel_listener_entries": len(self._kernel_listeners)}
 
 
 def _file_name(name: str) -> str:

@@ -25,7 +25,7 @@ import psutil
 from accept_watch import __version__
 from accept_watch.probes.eventring import decode_event, newest_events
 from accept_watch.probes.histogram import bucket_bounds, percentile
-from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, Counter, KernelSnapshot
+from accept_watch.probes.records import LOSS_COUNTERS, AcceptEvent, DiagCounter, KernelSnapshot
 
 from . import discovery, procident
 from .clock import ClockMap, iso_utc
@@ -148,7 +148,7 @@ class Aggregator:
         self._evicted_wait: tuple[dict[int, int], list[int]] = ({}, [0, 0])
         self._listeners = ListenerTable(history_points)
         self._transitions: dict[tuple[int, int, int], int] = {}
-        self._diag: dict[Counter, int] = {}
+        self._diag: dict[DiagCounter, int] = {}
         self._last_ns: int | None = None  # taken_ns of the latest snapshot
         self._ended_ns: int | None = None
         self._rates = RateTracker(self.clock.start_mono, self.clock.rel_s)
@@ -502,7 +502,7 @@ class Aggregator:
         workers = [self._worker_doc(w, total, rates.get(pid, {})) for pid, w in sorted(self._workers.items())]
         listeners = self._listeners.to_doc()
         transitions, omitted = self._transitions_doc()
-        diagnostics: dict[str, int] = {c.name.lower(): int(self._diag.get(c, 0)) for c in Counter}
+        diagnostics: dict[str, int] = {c.name.lower(): int(self._diag.get(c, 0)) for c in DiagCounter}
         diagnostics["evicted_workers"] = self._evicted_workers
         diagnostics["evicted_accepts"] = self._evicted_accepts
         diagnostics["transitions_omitted"] = omitted
@@ -523,7 +523,7 @@ class Aggregator:
             "ended_at": self.clock.iso(self._ended_ns) if self._ended_ns is not None else None,
             "duration_s": round(max(0, end - self.clock.start_mono) / _NS, 3),
             "total_accepts": total,
-            "lost_events": int(self._diag.get(Counter.EVENTS_LOST, 0)),
+            "lost_events": int(self._diag.get(DiagCounter.EVENTS_LOST, 0)),
             "unattributed": int(sum(self._diag.get(c, 0) for c in LOSS_COUNTERS)),
             "diagnostics": diagnostics,
             "evicted_queue_wait": {

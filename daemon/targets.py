@@ -258,10 +258,4 @@ def split(snapshot: KernelSnapshot, pids: set[int], inodes: Iterable[int]) -> Ke
     """The part of a snapshot that belongs to one target (its pids, its listening sockets). The
     in-kernel loss counters are shared by every target (one set of maps) and stay whole."""
     inode_set = set(inodes)
-    return dataclasses.replace(
-        snapshot,
-        workers=tuple(w for w in snapshot.workers if w.pid in pids),
-        wait_hist={k: v for k, v in snapshot.wait_hist.items() if k[0] in pids},
-        listeners=tuple(lst for lst in snapshot.listeners if lst.inode in inode_set),
-        transitions={k: v for k, v in snapshot.transitions.items() if k[2] in pids},
-    )
+    return snapshot.restricted(lambda pid, _port: pid in pids, lambda lst: lst.inode in inode_set)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shutil
 import signal
@@ -23,20 +22,20 @@ import psutil
 from accept_watch.probes import environment
 from accept_watch.probes.records import KernelSnapshot, ProbeKind
 
-from . import analysis, discovery, export, follow, target, terminal, waitmode
+from . import discovery, export, follow, target, waitmode
 from .backstop import Backstop
 from .blocked import blocked_workers
-from .eventdrain import EventDrainer
 from .exportsink import ExportSink
-from .published import PublishedDocument
 from .roles import assign_roles
 from .sanitize import clean
-from .stats import Aggregator
 
 if TYPE_CHECKING:  # imported at run time only where used: they pull in bcc and the web stack
     from accept_watch.dashboard.server import DashboardServer
     from accept_watch.probes.kernel import AcceptProbes
-    from accept_watch.probes.offsets import KernelLayout
+
+    # The document model (pydantic) and what builds on it: imported once the compile runs (_run).
+    from .published import PublishedDocument
+    from .stats import Aggregator
 
 EXPORT_EVERY_S = 5.0
 # A full re-scan (psutil walks every process of the machine for the tree, then the fd tables) every
@@ -125,8 +124,22 @@ def _run(args: argparse.Namespace) -> int:
     topology = follow.only_ports(topology, set(args.port) if args.port else None)
     environment.ensure_tracing_mounts()
     layout = load_layout(str(environment.BTF_PATH))
+    # Compiling is most of the launch: it runs on its own thread from here, while the work below
+    # (samples, the dashboard's import and bind) goes on. From here to the attach nothing may print
+    # to stderr (AcceptProbes.compile_in_background); errors are raised, and printed after the join.
+    probes = AcceptProbes(layout, emit_events=args.events is not None or args.stream,
+                          inflight=not args.no_inflight)
+    with probes:
+        probes.compile_in_background()
+        return _prepare_and_watch(args, probes, topology, ports)
 
-    want_events = args.events is not None or args.stream
+
+def _prepare_and_watch(args: argparse.Namespace, probes: AcceptProbes, topology: discovery.Topology,
+                       ports: list[int]) -> int:
+    # Imported here, not at the top: ~0.1 s of pydantic and the analysis, overlapping the compile.
+    from .published import PublishedDocument
+    from .stats import Aggregator
+
     probe = None if args.probe == "auto" else ProbeKind(args.probe)
     # The aggregator's clock starts before the probes count anything, so the first interval's rate
     # covers exactly the time the probes were attached.
@@ -141,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     dashboard = None if args.no_dashboard or args.dry_run else _bind_dashboard(args, published)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _attach_and_watch(args, layout, want_events, probe, topology, aggregator, wait_modes,
+        return _attach_and_watch(args, probes, probe, topology, aggregator, wait_modes,
                                  ports, stop, published, dashboard)
     finally:
         for sig, handler in previous.items():
@@ -150,14 +163,11 @@ def _run(args: argparse.Namespace) -> int:
             dashboard.close()
 
 
-def _attach_and_watch(args: argparse.Namespace, layout: KernelLayout, want_events: bool,
-                      probe: ProbeKind | None,
+def _attach_and_watch(args: argparse.Namespace, probes: AcceptProbes, probe: ProbeKind | None,
                       topology: discovery.Topology, aggregator: Aggregator, wait_modes: WaitModes,
                       ports: list[int], stop: threading.Event, published: PublishedDocument,
                       dashboard: DashboardServer | None = None) -> int:
-    from accept_watch.probes.kernel import AcceptProbes
-
-    with AcceptProbes(layout, emit_events=want_events, inflight=not args.no_inflight) as probes:
+    with probes:  # detached whatever happens
         result = probes.attach(probe, topology.processes.keys(), ports)
         if args.port:
             probes.only_watched_ports(True)
@@ -182,6 +192,9 @@ def _loop(args: argparse.Namespace, probes: AcceptProbes, topology: discovery.To
           aggregator: Aggregator, wait_modes: WaitModes, stop: threading.Event, backstop: Backstop,
           published: PublishedDocument, bound: DashboardServer | None = None) -> int:
     from accept_watch.probes.kernel import ProbeError
+
+    from . import analysis, terminal
+    from .eventdrain import EventDrainer
 
     def publish(ended: bool = False) -> dict[str, Any]:
         """aggregator -> document -> analysis -> the views' copy; the dict every view renders."""
@@ -458,6 +471,8 @@ class _Screen:
         self._last_plain = 0.0
 
     def show(self, doc: dict[str, Any]) -> None:
+        from . import terminal
+
         if self.tty:
             sys.stdout.write("\x1b[H\x1b[2J" + terminal.render(doc, width=_width(), ansi=True) + "\n")
             sys.stdout.flush()
@@ -473,10 +488,4 @@ def _only_ports(snapshot: KernelSnapshot, ports: set[int] | None) -> KernelSnaps
     """Keep the listening ports the user asked for (--port); the kernel counts them all."""
     if not ports:
         return snapshot
-    return dataclasses.replace(
-        snapshot,
-        workers=tuple(w for w in snapshot.workers if w.port in ports),
-        wait_hist={k: v for k, v in snapshot.wait_hist.items() if k[1] in ports},
-        listeners=tuple(lst for lst in snapshot.listeners if lst.port in ports),
-        transitions={k: v for k, v in snapshot.transitions.items() if k[0] in ports},
-    )
+    return snapshot.restricted(lambda _pid, port: port in ports, lambda lst: lst.port in ports)

@@ -25,18 +25,20 @@ from accept_watch.daemon.stats import Aggregator
 from accept_watch.probes.histogram import bucket_index
 from accept_watch.probes.records import (
     AcceptEvent,
+    DiagCounter,
     EventSource,
     KernelSnapshot,
     ListenerCounters,
     WorkerCounters,
 )
-from accept_watch.probes.records import Counter as DiagCounter
 
 BACKLOG_LIMIT = 2048
 _S = 1_000_000_000
 _START_NS = 1_000 * _S  # simulated CLOCK_MONOTONIC at the start
 
 
+# Fields like daemon/stats.py's _Raw by design: both mirror the kernel's per-worker counters (one
+# simulates them, the other sums them); data, not logic to share.
 @dataclass(slots=True)
 class _Cell:
     """What the kernel would count for one (worker, port): cumulative, like the BPF maps."""

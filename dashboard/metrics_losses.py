@@ -1,7 +1,7 @@
 """The loss and degradation counters of /metrics: one metric per kind of loss (or a `reason` label
 within one kind), never one catch-all counter mixing unrelated things.
 
-Every in-kernel diagnostic slot (probes/records.py Counter) maps to exactly one (metric, reason) here;
+Every in-kernel diagnostic slot (probes/records.py DiagCounter) maps to exactly one (metric, reason) here;
 tests/test_metrics_names.py checks that none is left out, so a new slot cannot silently go unexported.
 Every series is always present (0 when nothing was lost), so `increase()` alerts work from the start.
 """

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from accept_watch.dashboard.guard import RequestGuard, check_token, normalise_hosts
 from accept_watch.dashboard.limits import ConnectionLimits
 from accept_watch.dashboard.metrics import document_metrics
+from accept_watch.dashboard.metrics_losses import LOSS_METRICS
 
 
 class ServeSource(Protocol):
@@ -44,6 +45,14 @@ def daemon_metrics(source: ServeSource,
                                  "Exited workers whose kernel counters were deleted after the retention time "
                                  "(their accepts stay in pid=\"exited\")")
     pruned.add_metric([], c.get("pruned_workers", 0))
+    pruned_l = CounterMetricFamily("accept_watch_pruned_listeners",
+                                   "Closed listening sockets whose kernel counters were deleted after the "
+                                   "retention time (their figures stay in the target's document)")
+    pruned_l.add_metric([], c.get("pruned_listeners", 0))
+    entries = GaugeMetricFamily("accept_watch_kernel_listener_entries",
+                                "Listening sockets in the kernel's per-listener map at the last read "
+                                "(closed ones leave it after the retention time)")
+    entries.add_metric([], c.get("kernel_listener_entries", 0))
     refused = CounterMetricFamily("accept_watch_refused_targets",
                                   "Servers not watched because the target cap (max_targets) was reached")
     refused.add_metric([], c.get("refused_targets", 0))
@@ -51,7 +60,17 @@ def daemon_metrics(source: ServeSource,
                                   "Processes the kernel counted that no target could be given (their accepts "
                                   "are in no target's figures)")
     unowned.add_metric([], c.get("unowned_workers", 0))
-    return [up, pruned, refused, unowned]
+    return [up, pruned, pruned_l, entries, refused, unowned]
+
+
+# The in-kernel loss counters come from one per-CPU array of the one set of BPF programs every target
+# shares, with no key: an accept that could not be attributed, a ring-buffer record lost, a map that
+# was full, does not say which target it belonged to (that is what was lost). serve cannot split them
+# and does not: each target's series is the daemon-wide total. evicted_workers is per target (user space).
+DAEMON_WIDE = frozenset(name for name in LOSS_METRICS if name != "accept_watch_evicted_workers")
+SERVE_DAEMON_WIDE = (". accept-watch serve: daemon-wide (one set of BPF maps for every target, whose "
+                     "kernel counter does not say which target): the same total under every server label; "
+                     "do not sum across servers")
 
 
 def merged(families: Iterable[Metric]) -> list[Metric]:
@@ -79,7 +98,11 @@ class ServeCollector(Collector):
         for server, _up, doc in targets:
             if doc is not None:  # a target never seen up has no document yet: only target_up
                 families.extend(document_metrics(doc, server))
-        return merged([*families, *daemon_metrics(self._source, targets)])
+        out = merged([*families, *daemon_metrics(self._source, targets)])
+        for fam in out:
+            if fam.name in DAEMON_WIDE:
+                fam.documentation += SERVE_DAEMON_WIDE
+        return out
 
 
 def _dumps(doc: Any) -> str:

@@ -1,4 +1,9 @@
-"""Run the dashboard app with uvicorn in a background thread of the accept-watch process."""
+"""Run the dashboard app with uvicorn in a background thread of the accept-watch process.
+
+The web stack (uvicorn, starlette, fastapi: ~0.2-0.4 s of imports) is imported by start(), not here:
+the daemon binds the dashboard's address before attaching its probes, to refuse a bad one early, and
+should not pay for the imports until the probes count.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import uvicorn
-
-from accept_watch.dashboard.app import create_app
-from accept_watch.dashboard.guard import ANY_HOST, check_token
-from accept_watch.dashboard.limits import ConnectionLimits, guarded_protocol
 from accept_watch.dashboard.source import DashboardSource
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from accept_watch.dashboard.limits import ConnectionLimits
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
@@ -57,7 +62,7 @@ class DashboardServer:
         stream_interval: float = 1.0,
         log_level: str = "warning",
         limits: ConnectionLimits | None = None,
-        app_factory: Callable[..., Any] = create_app,
+        app_factory: Callable[..., Any] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise DashboardError(f"dashboard port must be 0..65535, got {port}")
@@ -65,6 +70,8 @@ class DashboardServer:
         self.listen_host = listen_host.strip("[]")
         self.loopback = is_loopback(self.listen_host)
         if token is not None:
+            from accept_watch.dashboard.guard import check_token
+
             try:
                 check_token(token)
             except ValueError as exc:
@@ -76,7 +83,8 @@ class DashboardServer:
         self._stream_interval = stream_interval
         self._log_level = log_level
         self._limits = limits
-        self._app_factory = app_factory  # `accept-watch serve` runs its own app (dashboard/serveapp.py)
+        self._app_factory = app_factory  # `accept-watch serve` runs its own app (dashboard/serveapp.py);
+        # None: the dashboard's app (dashboard/app.py)
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -105,6 +113,8 @@ class DashboardServer:
         return f"http://{_url_host(host)}:{port}/{query}"
 
     def allowed_hosts(self, port: int) -> set[str]:
+        from accept_watch.dashboard.guard import ANY_HOST
+
         if not self.loopback:
             return {ANY_HOST}
         return {f"{name}:{port}" for name in LOOPBACK_NAMES}
@@ -147,6 +157,10 @@ class DashboardServer:
 
     def start(self, timeout: float = 10.0) -> None:
         """Bind (unless bind() did), serve in a daemon thread, return once it accepts connections."""
+        import uvicorn
+
+        from accept_watch.dashboard.limits import ConnectionLimits, guarded_protocol
+
         if self._thread is not None:
             raise DashboardError("dashboard already started")
         self.bind()
@@ -154,6 +168,10 @@ class DashboardServer:
         assert sock is not None
         address, port = sock.getsockname()[:2]
         limits = self._limits or ConnectionLimits()
+        if self._app_factory is None:
+            from accept_watch.dashboard.app import create_app
+
+            self._app_factory = create_app
         app = self._app_factory(
             self.source,
             token=self.token,

@@ -679,6 +679,7 @@ static __always_inline void on_conn_done(u64 sk)
         if (!val)
             return;
     }
+    // count/sum/max as for the queue wait at accept, on other fields: three lines, kept inline.
     __sync_fetch_and_add(&val->closed, 1);
     __sync_fetch_and_add(&val->life_sum_ns, life);
     if (life > val->life_max_ns)

@@ -327,6 +327,7 @@ class Btf:
                 return f"{elem} (*){dims}"
             inner = self._spell(target, depth + 1)
             return f"{inner}*" if inner.endswith("*") else f"{inner} *"
+        # The same parts as the pointer cases above, without the (*) a pointer's declarator needs.
         if k == ARRAY:
             elem, dims = self._array_parts(tid, depth + 1)
             return f"{elem}{dims}"

@@ -6,7 +6,7 @@ import enum
 
 from . import histogram
 from .eventring import EVF_LISTENER_KNOWN, EVF_WAIT_KNOWN
-from .records import DIAG_SLOTS, Counter, EventSource, ProbeKind
+from .records import DIAG_SLOTS, DiagCounter, EventSource, ProbeKind
 
 
 class ConfigSlot(enum.IntEnum):
@@ -45,7 +45,7 @@ def generated_defines(layout_defines: dict[str, int]) -> dict[str, int]:
     """layout_defines: the kernel's (KernelLayout.define_values()); then the Python enums and sizes."""
     out: dict[str, int] = {}
     out.update(layout_defines)
-    out.update({f"DIAG_{c.name}": int(c) for c in Counter})
+    out.update({f"DIAG_{c.name}": int(c) for c in DiagCounter})
     out["DIAG_SLOTS"] = DIAG_SLOTS
     out.update({f"SRC_{s.name}": int(s) for s in EventSource})
     out.update({f"CFG_{s.name}": int(s) for s in ConfigSlot if s is not ConfigSlot.SLOTS})

@@ -82,6 +82,25 @@ def ensure_tracing_mounts() -> list[str]:
     return done
 
 
+# Where BCC creates a kprobe (libbpf.c, bpf_attach_probe): the kprobe PMU of perf_event_open, else a
+# kprobe_events file in tracefs (at either of its mount points, depending on the BCC version).
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe/type")
+KPROBE_EVENTS = (TRACEFS / "kprobe_events", DEBUGFS / "tracing" / "kprobe_events")
+TRACEFS_EVENTS = (TRACEFS / "events", DEBUGFS / "tracing" / "events")
+
+
+def kprobes_missing(pmu: Path = KPROBE_PMU, events: tuple[Path, ...] = KPROBE_EVENTS,
+                    tracefs: tuple[Path, ...] = TRACEFS_EVENTS) -> str | None:
+    """Why no kprobe can be created here (kernel built without CONFIG_KPROBES), or None when one might.
+
+    Only says so when it is certain: tracefs mounted (its events directory present) and neither way BCC
+    creates a kprobe exists. Trying anyway costs more than it looks: the kretprobe attempt attaches the
+    sys_enter stash first and detaches it on failure, and each detach waits for an RCU grace period."""
+    if pmu.exists() or any(path.exists() for path in events) or not any(path.is_dir() for path in tracefs):
+        return None
+    return f"this kernel has no kprobes (no {pmu.parent}, no kprobe_events in tracefs)"
+
+
 def kernel_config() -> dict[str, str]:
     """The running kernel's config (/proc/config.gz or /boot/config-*), {} when unavailable."""
     text = ""

@@ -15,20 +15,22 @@ import errno
 import mmap
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from . import defines
+from . import defines, environment
+from .compilermem import compiler_mappings, release_compiler_memory  # noqa: F401 - compiler_mappings: tests
 from .eventring import EventRing, decode_event  # noqa: F401 - decode_event: kept importable here
 
 if TYPE_CHECKING:
     from .offsets import KernelLayout
 from .records import (
     PROBE_ORDER,
-    Counter,
+    DiagCounter,
     KernelSnapshot,
     ListenerCounters,
     ProbeKind,
@@ -143,37 +145,6 @@ def _reason(exc: BaseException, noise: list[str]) -> str:
     return text
 
 
-MADV_PAGEOUT = 21  # linux/mman.h, 5.4+
-# Libraries BCC links that only its compiler uses: ~80 MB of resident code and data once a program
-# has been compiled, never touched again by the daemon (map reads and the ring buffer go through
-# libbpf in libbcc).
-COMPILER_LIBS = ("libLLVM", "libclang")
-
-
-def _release_compiler_memory() -> None:
-    """Give back what compiling left resident and the daemon will not use again: the heap clang/LLVM
-    freed (~25 MB; glibc keeps freed memory for reuse) and the compiler libraries' pages (~80 MB,
-    asked out with MADV_PAGEOUT; should they ever be needed they fault back in from the files)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.malloc_trim(0)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        for start, length in compiler_mappings():
-            libc.madvise(start, length, MADV_PAGEOUT)  # EINVAL before 5.4: nothing to do
-
-
-def compiler_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int]]:
-    """(start, length) of every mapping of the compiler libraries in this process."""
-    out: list[tuple[int, int]] = []
-    with open(maps_path) as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 6 and any(lib in fields[5].rsplit("/", 1)[-1] for lib in COMPILER_LIBS):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                out.append((start, end - start))
-    return out
-
-
 def _worker(pid: int, port: int, per_cpu: Any, live: tuple[int, int, int]) -> WorkerCounters:
     """One worker's per-CPU counters summed (first seen: the earliest CPU's; 0 = none on that CPU)."""
     firsts = [c.first_ns for c in per_cpu if c.first_ns]
@@ -261,6 +232,10 @@ class AcceptProbes:
         self.result: AttachResult | None = None
         self._readers: dict[bytes, _TableReader] = {}
         self._ring: EventRing | None = None
+        self.compiler_mappings_advised = 0  # by the last compile(): see compilermem
+        self.compile_s = 0.0
+        self._compiling: threading.Thread | None = None
+        self._compile_error: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def compile(self) -> float:
@@ -272,12 +247,37 @@ class AcceptProbes:
         except Exception as exc:
             detail = next((n for n in noise if "error:" in n), str(exc))
             raise ProbeError(f"BPF program failed to compile: {detail}") from exc
-        _release_compiler_memory()
-        return time.monotonic() - started
+        self.compiler_mappings_advised = release_compiler_memory()
+        self.compile_s = time.monotonic() - started
+        return self.compile_s
+
+    def compile_in_background(self) -> None:
+        """compile() on a thread (libbcc runs with the GIL released), overlapping the caller's other
+        startup work; attach() and close() wait for it, attach() raises its error. fd 2 is redirected
+        meanwhile (_captured_stderr): the caller must not print to stderr until attach()."""
+        def run() -> None:
+            try:
+                self.compile()
+            except BaseException as exc:  # handed to the thread that attaches
+                self._compile_error = exc
+
+        self._compiling = threading.Thread(target=run, name="accept-watch-compile")
+        self._compiling.start()
+
+    def _wait_compiled(self) -> None:
+        if self._compiling is not None:
+            self._compiling.join()
+            self._compiling = None
+        error, self._compile_error = self._compile_error, None
+        if error is not None:
+            raise error
 
     def attach(self, probe: ProbeKind | None, pids: Iterable[int], ports: Iterable[int]) -> AttachResult:
         """Seed the tracked set, attach the tracepoints, then the primary hook (None = auto)."""
-        compile_s = self.compile() if self._bpf is None else 0.0
+        self._wait_compiled()
+        if self._bpf is None:
+            self.compile()
+        compile_s = self.compile_s
         started = time.monotonic()
         self.track(pids)
         self.watch_ports(ports)
@@ -333,6 +333,8 @@ class AcceptProbes:
             return None  # already attached above
         if kind is ProbeKind.FEXIT and self.layout.accept_proto == "unknown":
             return "inet_csk_accept is not in the kernel's BTF"
+        if kind is ProbeKind.KRETPROBE and (missing := environment.kprobes_missing()):
+            return missing  # certain to fail: skip the stash's attach and detach
         # The kretprobe finds the listener only in sys_enter's stash: attach it first, so the
         # kretprobe's first accept already has it.
         stash = kind is ProbeKind.KRETPROBE and self.layout.listener_from_regs
@@ -382,6 +384,8 @@ class AcceptProbes:
                 self._bpf.load_func(fn, bcc.BPF.RAW_TRACEPOINT)
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # a compile still running owns _bpf until it ends
+            self._wait_compiled()
         self._readers.clear()
         if self._ring is not None:
             self._ring.close()
@@ -464,7 +468,7 @@ class AcceptProbes:
         )
         transitions = {(k.port, k.prev_tgid, k.tgid): _int(v) for k, v in self._items(b"transitions")}
         slots = {_int(k): sum(v) for k, v in self._items(b"diag")}
-        diag = {c: slots.get(int(c), 0) for c in Counter}
+        diag = {c: slots.get(int(c), 0) for c in DiagCounter}
         return KernelSnapshot(taken, workers, hist, listeners, transitions, diag)
 
     def forget_workers(self, pids: Iterable[int]) -> int:
@@ -481,6 +485,22 @@ class AcceptProbes:
             doomed = [type(k).from_buffer_copy(k) for k, _ in self._items(name)
                       if k.tgid in gone or getattr(k, "prev_tgid", 0) in gone]
             for key in doomed:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+                    deleted += 1
+        return deleted
+
+    def forget_listeners(self, inodes: Iterable[int], ports: Iterable[int]) -> int:
+        """Delete closed listeners' entries: per-listener counters (by socket inode) and the last
+        acceptor of ports no watched server listens on any more. A daemon following restarts gets a new
+        listening socket (a new inode) at each one; kept, they would fill the listener map and stop
+        per-listener counting. Call only for listeners whose figures user space keeps (closed ones).
+        Returns the entries deleted."""
+        deleted = 0
+        for name, keys in ((b"listener_stats", [ctypes.c_uint64(int(i)) for i in inodes]),
+                           (b"last_acceptor", [ctypes.c_uint16(int(p)) for p in ports])):
+            table = self._bpf[name]
+            for key in keys:
                 with contextlib.suppress(KeyError):
                     del table[key]
                     deleted += 1

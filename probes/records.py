@@ -6,7 +6,9 @@ Nothing here imports bcc. Enum values are shared with the BPF C through generate
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -29,7 +31,7 @@ class EventSource(enum.IntEnum):
     SYSCALL_EXIT = 3  # the accept syscall's exit tracepoint (primary path, or backstop for the others)
 
 
-class Counter(enum.IntEnum):
+class DiagCounter(enum.IntEnum):
     """Slots of the BPF `diag` array: every way a record can be lost or degraded is counted."""
 
     EVENTS_LOST = 0  # ring buffer full: a per-connection event was not delivered (counters still exact)
@@ -54,20 +56,21 @@ class Counter(enum.IntEnum):
     WAIT_IN_HANDSHAKE = 12
 
 
-DIAG_SLOTS = len(Counter)
+DIAG_SLOTS = len(DiagCounter)
 
 
 # Counters that mean a connection was not attributed at all (exactness is broken if > 0).
-LOSS_COUNTERS: tuple[Counter, ...] = (Counter.STATS_MAP_FULL, Counter.FD_WALK_FAILED)
+LOSS_COUNTERS: tuple[DiagCounter, ...] = (DiagCounter.STATS_MAP_FULL, DiagCounter.FD_WALK_FAILED)
 
 # Counters that mean a figure other than the per-worker counts is incomplete: shown whenever non-zero
 # (terminal, report), with what is missing. Keyed by the document's diagnostics names.
 DEGRADED: dict[str, str] = {
-    Counter.LISTENERS_MAP_FULL.name.lower(): "accepts missing from per-listener figures (listener map full)",
-    Counter.HIST_MAP_FULL.name.lower(): "queue-wait samples missing from the histograms (map full)",
-    Counter.TRANSITIONS_MAP_FULL.name.lower(): "accepts missing from the accept sequence (map full)",
-    Counter.CONNS_MAP_FULL.name.lower(): "connections without queue wait / in-flight time (map full)",
-    Counter.TRACKED_MAP_FULL.name.lower(): "forked processes not followed in the kernel (map full)",
+    DiagCounter.LISTENERS_MAP_FULL.name.lower():
+        "accepts missing from per-listener figures (listener map full)",
+    DiagCounter.HIST_MAP_FULL.name.lower(): "queue-wait samples missing from the histograms (map full)",
+    DiagCounter.TRANSITIONS_MAP_FULL.name.lower(): "accepts missing from the accept sequence (map full)",
+    DiagCounter.CONNS_MAP_FULL.name.lower(): "connections without queue wait / in-flight time (map full)",
+    DiagCounter.TRACKED_MAP_FULL.name.lower(): "forked processes not followed in the kernel (map full)",
 }
 
 
@@ -130,15 +133,27 @@ class KernelSnapshot:
     listeners: tuple[ListenerCounters, ...]
     # (port, previous pid, pid) -> count: which worker's accept followed which, per port
     transitions: dict[tuple[int, int, int], int]
-    diag: dict[Counter, int]
+    diag: dict[DiagCounter, int]
 
     @property
     def lost_events(self) -> int:
-        return self.diag.get(Counter.EVENTS_LOST, 0)
+        return self.diag.get(DiagCounter.EVENTS_LOST, 0)
 
     @property
     def unattributed(self) -> int:
         return sum(self.diag.get(c, 0) for c in LOSS_COUNTERS)
+
+    def restricted(self, keep: Callable[[int, int], bool],
+                   keep_listener: Callable[[ListenerCounters], bool]) -> KernelSnapshot:
+        """The part of this read that `keep(pid, port)` and `keep_listener` select. The in-kernel
+        loss counters are one set for all maps and stay whole."""
+        return dataclasses.replace(
+            self,
+            workers=tuple(w for w in self.workers if keep(w.pid, w.port)),
+            wait_hist={k: v for k, v in self.wait_hist.items() if keep(k[0], k[1])},
+            listeners=tuple(lst for lst in self.listeners if keep_listener(lst)),
+            transitions={k: v for k, v in self.transitions.items() if keep(k[2], k[0])},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -316,16 +316,18 @@ def start_nginx(
 
 # -- Apache prefork ---------------------------------------------------------------------------------
 
-_APACHE_CONF = """\
+# Every Apache the tests run (prefork here, worker and event in realservers_apache.py) starts with
+# this: one server root, the pid-logging access log, no keep-alive. The MPM and the log level vary.
+APACHE_BASE_CONF = """\
 ServerRoot "{dir}"
-LoadModule mpm_prefork_module {mods}/mod_mpm_prefork.so
+LoadModule mpm_{mpm}_module {mods}/mod_mpm_{mpm}.so
 LoadModule authz_core_module {mods}/mod_authz_core.so
 Listen 127.0.0.1:{port}
 ServerName localhost
 PidFile {dir}/apache.pid
 DefaultRuntimeDir {dir}/run
 ErrorLog {dir}/error.log
-LogLevel warn
+LogLevel {loglevel}
 User www-data
 Group www-data
 DocumentRoot {dir}/htdocs
@@ -336,6 +338,8 @@ LogFormat "%P %{{usec}}t %{{local}}p" aw
 CustomLog {dir}/access.log aw
 KeepAlive Off
 StartServers {workers}
+"""
+_APACHE_CONF = APACHE_BASE_CONF + """\
 MinSpareServers {workers}
 MaxSpareServers {workers}
 ServerLimit {workers}
@@ -346,17 +350,23 @@ MaxConnectionsPerChild 0
 APACHE_PATH = "/index.html"  # the file served (no mod_dir: "/" itself would not be 200)
 
 
+def pid_time_port_records(path: Path, what: str, per_second: float) -> list[LogRecord]:
+    """A log of "<pid> <time in 1/per_second s> <local port>" lines as records in time order; a
+    malformed line is an error (a test must not pass on a log it misread)."""
+    rows = []
+    for parts in _read_lines(path):
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{what}: malformed line {parts!r}")
+        rows.append(LogRecord(int(parts[0]), int(parts[1]) / per_second, int(parts[2])))
+    rows.sort(key=lambda r: r.t)
+    return rows
+
+
 class Apache(LogServer):
     name = "apache2"
 
     def log_records(self) -> list[LogRecord]:
-        rows = []
-        for parts in _read_lines(self.workdir / "access.log"):
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
-                raise ValueError(f"apache access log: malformed line {parts!r}")
-            rows.append(LogRecord(int(parts[0]), int(parts[1]) / 1e6, int(parts[2])))
-        rows.sort(key=lambda r: r.t)
-        return rows
+        return pid_time_port_records(self.workdir / "access.log", "apache access log", 1e6)
 
 
 def start_apache(workers: int = 4, timeout_s: float = 20.0) -> Apache:
@@ -369,7 +379,8 @@ def start_apache(workers: int = 4, timeout_s: float = 20.0) -> Apache:
         (workdir / "htdocs").mkdir()
         (workdir / "htdocs" / "index.html").write_text("ok\n")
         conf = workdir / "apache2.conf"
-        conf.write_text(_APACHE_CONF.format(dir=workdir, mods=APACHE_MODULES, port=ports[0], workers=workers))
+        conf.write_text(_APACHE_CONF.format(dir=workdir, mods=APACHE_MODULES, port=ports[0], workers=workers,
+                                            mpm="prefork", loglevel="warn"))
         proc = _spawn([APACHE, "-f", str(conf), "-D", "FOREGROUND"], workdir)
         return Apache(proc, workdir, ports)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from demo.gunicorn import current_syscall, waiting_syscalls
 from tests.realservers import (
     APACHE,
+    APACHE_BASE_CONF,
     APACHE_MODULES,
     Apache,
     LogServer,
@@ -35,26 +36,7 @@ from tests.realservers import (
     wait_until,
 )
 
-_APACHE_THREADED_CONF = """\
-ServerRoot "{dir}"
-LoadModule mpm_{mpm}_module {mods}/mod_mpm_{mpm}.so
-LoadModule authz_core_module {mods}/mod_authz_core.so
-Listen 127.0.0.1:{port}
-ServerName localhost
-PidFile {dir}/apache.pid
-DefaultRuntimeDir {dir}/run
-ErrorLog {dir}/error.log
-LogLevel notice
-User www-data
-Group www-data
-DocumentRoot {dir}/htdocs
-<Directory {dir}/htdocs>
-    Require all granted
-</Directory>
-LogFormat "%P %{{usec}}t %{{local}}p" aw
-CustomLog {dir}/access.log aw
-KeepAlive Off
-StartServers {workers}
+_APACHE_THREADED_CONF = APACHE_BASE_CONF + """\
 ServerLimit {limit}
 ThreadLimit {threads}
 ThreadsPerChild {threads}
@@ -139,7 +121,8 @@ def start_apache_threaded(mpm: str = "event", workers: int = 2, threads: int = 4
         conf = workdir / "apache2.conf"
         # ServerLimit leaves room for a graceful restart's second generation.
         conf.write_text(_APACHE_THREADED_CONF.format(
-            dir=workdir, mods=APACHE_MODULES, port=ports[0], mpm=mpm, workers=workers, threads=threads,
+            dir=workdir, mods=APACHE_MODULES, port=ports[0], mpm=mpm, loglevel="notice", workers=workers,
+            threads=threads,
             limit=2 * workers, total=workers * threads))
         proc = _spawn([APACHE, "-f", str(conf), "-D", "FOREGROUND"], workdir)
         return ApacheThreaded(proc, workdir, ports, mpm, workers)

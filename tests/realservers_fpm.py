@@ -22,11 +22,11 @@ from tests.groundtruth import LogRecord
 from tests.realservers import (
     NGINX,
     LogServer,
-    _read_lines,
     _spawn,
     children,
     idle,
     listening_ports,
+    pid_time_port_records,
     wait_until,
 )
 from tests.watcher import free_port
@@ -101,13 +101,7 @@ class PhpFpm(LogServer):
         self.pm = pm
 
     def log_records(self) -> list[LogRecord]:
-        rows = []
-        for parts in _read_lines(self.workdir / "records.log"):
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
-                raise ValueError(f"php-fpm record: malformed line {parts!r}")
-            rows.append(LogRecord(int(parts[0]), int(parts[1]) / 1e9, int(parts[2])))
-        rows.sort(key=lambda r: r.t)
-        return rows
+        return pid_time_port_records(self.workdir / "records.log", "php-fpm record", 1e9)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import realservers
-from tests.watcher import ACCEPT_WATCH
+from tests.watcher import ACCEPT_WATCH, stop_process, wait_ready
 
 
 @dataclass
@@ -60,14 +60,7 @@ class ServeRun:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        return stop_process(self.proc, sig, timeout)
 
 
 def start_serve(tmp: Path, *args: str, web: int, timeout: float = 90) -> ServeRun:
@@ -78,15 +71,8 @@ def start_serve(tmp: Path, *args: str, web: int, timeout: float = 90) -> ServeRu
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     run = ServeRun(proc, stderr_path, web)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if "serving /metrics" in run.stderr():
-            return run
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}: {run.stderr()}")
-        time.sleep(0.05)
-    run.stop(signal.SIGKILL)
-    raise AssertionError(f"serve did not start within {timeout} s: {run.stderr()}")
+    wait_ready(run, lambda err: "serving /metrics" in err, "serve", timeout)
+    return run
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: Callable[[], str]) -> None:

@@ -23,7 +23,7 @@ from accept_watch.dashboard.metrics import (
 )
 from accept_watch.dashboard.metrics_losses import LOSS_METRICS
 from accept_watch.probes.histogram import bucket_index
-from accept_watch.probes.records import Counter, ListenerCounters
+from accept_watch.probes.records import DiagCounter, ListenerCounters
 from tests.test_stats import INODE, PORT, START, S, make, snap, topo, wc
 
 DOC = json.loads((Path(__file__).parent / "data" / "metrics_doc.json").read_text())
@@ -37,7 +37,7 @@ def scrape(doc: Any, server: str | None = None) -> dict[str, list]:
 def test_every_kernel_loss_counter_has_one_metric() -> None:
     """Each diagnostic slot maps to exactly one (metric, reason): none left out, none mixed twice."""
     keys = [key for _help, reasons in LOSS_METRICS.values() for key in reasons.values()]
-    assert sorted(keys) == sorted([c.name.lower() for c in Counter] + ["evicted_workers"])
+    assert sorted(keys) == sorted([c.name.lower() for c in DiagCounter] + ["evicted_workers"])
     m = scrape(DOC)
     for name, (_help, reasons) in LOSS_METRICS.items():
         samples = [s for s in m[name] if s.name == name + "_total"]

@@ -126,6 +126,33 @@ def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen[bytes], 
     raise AssertionError("prometheus did not become ready in 20 s")
 
 
+def _panel_results(base: str) -> Iterator[tuple[str, str, list[dict]]]:
+    """Each Grafana panel's query against the real Prometheus: (title, expression, result), once checked
+    that it returns series and each carries the labels the panel uses."""
+    for title, expr in panel_queries():
+        result = _query(base, expr)
+        assert result, (title, expr)
+        for series in result:
+            assert PANEL_LABELS[title] <= set(series["metric"]), (title, expr, series["metric"])
+        yield title, expr, result
+
+
+def _stop_prometheus(prom: subprocess.Popen[bytes]) -> None:
+    prom.send_signal(signal.SIGTERM)
+    try:
+        prom.wait(10)
+    except subprocess.TimeoutExpired:
+        prom.kill()
+        prom.wait()
+
+
+def _assert_promtool_accepts(scrape: str) -> None:
+    """promtool's own check of a /metrics text: no error and no lint warning."""
+    checked = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True,
+                             text=True, timeout=30)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked
+
+
 @pytest.mark.kernel
 @pytest.mark.usefixtures("kernel_ok")
 @needs_prometheus
@@ -138,9 +165,7 @@ def test_grafana_panels_against_a_real_prometheus(tmp_path: Path) -> None:
         load = LoadGenerator("127.0.0.1", srv.port, concurrency=3, rate_per_s=150).start()
         try:
             scrape = _get(f"http://127.0.0.1:{web}/metrics")
-            checked = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True,
-                                     text=True, timeout=30)
-            assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked
+            _assert_promtool_accepts(scrape)
             prom, base = _start_prometheus(tmp_path, f"127.0.0.1:{web}")
             # Enough scrapes for rate() over RATE_INTERVAL, and a verdict (it needs some accepts).
             deadline = time.monotonic() + 30
@@ -151,12 +176,9 @@ def test_grafana_panels_against_a_real_prometheus(tmp_path: Path) -> None:
                 time.sleep(0.5)
             server = f"gunicorn:{srv.port}"
             workers = {str(p) for p in srv.worker_pids()}
-            for title, expr in panel_queries():
-                result = _query(base, expr)
-                assert result, (title, expr)
+            for title, _expr, result in _panel_results(base):
                 for series in result:
                     labels = series["metric"]
-                    assert PANEL_LABELS[title] <= set(labels), (title, expr, labels)
                     if "server" in PANEL_LABELS[title]:
                         assert labels["server"] == server, (title, labels)
                     if "pid" in PANEL_LABELS[title]:
@@ -173,12 +195,7 @@ def test_grafana_panels_against_a_real_prometheus(tmp_path: Path) -> None:
         finally:
             load.stop()
             if prom is not None:
-                prom.send_signal(signal.SIGTERM)
-                try:
-                    prom.wait(10)
-                except subprocess.TimeoutExpired:
-                    prom.kill()
-                    prom.wait()
+                _stop_prometheus(prom)
             assert run.stop() == 0, run.stderr()
     assert time.monotonic() - started < 60
 
@@ -277,16 +294,11 @@ def test_grafana_panels_against_serve_watching_gunicorn_and_nginx(tmp_path: Path
                 break
             time.sleep(0.5)
         scrape = run.get("/metrics")
-        checked = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True,
-                                 text=True, timeout=30)
-        assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked
+        _assert_promtool_accepts(scrape)
         workers = {str(p) for p in g.worker_pids()} | {str(p) for p in n.worker_pids()} | {"exited"}
-        for title, expr in panel_queries():
-            result = _query(base, expr)
-            assert result, (title, expr)
+        for title, expr, result in _panel_results(base):
             for series in result:
                 labels = series["metric"]
-                assert PANEL_LABELS[title] <= set(labels), (title, expr, labels)
                 if "pid" in PANEL_LABELS[title] and "rate" not in expr:
                     assert labels["pid"] in workers, (title, labels, workers)
             if title in SERVE_PER_SERVER:
@@ -299,12 +311,7 @@ def test_grafana_panels_against_serve_watching_gunicorn_and_nginx(tmp_path: Path
             with contextlib.suppress(RuntimeError):
                 load.stop()
         if prom is not None:
-            prom.send_signal(signal.SIGTERM)
-            try:
-                prom.wait(10)
-            except subprocess.TimeoutExpired:
-                prom.kill()
-                prom.wait()
+            _stop_prometheus(prom)
         code = run.stop()
         g.close()
         n.close()

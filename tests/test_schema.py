@@ -13,8 +13,8 @@ from accept_watch.daemon.discovery import Listener, ProcessInfo, Topology
 from accept_watch.daemon.document import Document as Snapshot
 from accept_watch.daemon.document import DocumentError
 from accept_watch.daemon.stats import Aggregator
-from accept_watch.probes.records import Counter, KernelSnapshot, ListenerCounters, WorkerCounters
-from tests.test_report import simulate
+from accept_watch.probes.records import DiagCounter, KernelSnapshot, ListenerCounters, WorkerCounters
+from tests.reportsim import simulate
 
 REAL_EXPORT = Path(__file__).parent / "data" / "real_export.json"
 
@@ -44,7 +44,7 @@ def test_unknown_and_null_fields_validate() -> None:
         clock[0],
         (WorkerCounters(2, 80, 5, 1_500, 1_900, 0, 0, 0), WorkerCounters(3, 82, 1, 1_600, 1_600, 0, 0, 0)),
         {}, (ListenerCounters(10, 80, 5, 1, 128), ListenerCounters(12, 82, 1, 0, 64)),
-        {(80, 0, 2): 1, (80, 2, 2): 4, (82, 0, 3): 1}, {c: 0 for c in Counter},
+        {(80, 0, 2): 1, (80, 2, 2): 4, (82, 0, 3): 1}, {c: 0 for c in DiagCounter},
     )
     agg.update(snap, topo, {10: 0})
     doc = agg.document(ended=True)

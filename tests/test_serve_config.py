@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily
 from accept_watch.daemon import serveopts, targets, targetspec, units
 from accept_watch.daemon.targetspec import SpecError, TargetSpec
 from accept_watch.dashboard.serveapp import merged
-from accept_watch.probes.records import Counter, KernelSnapshot, ListenerCounters, WorkerCounters
+from accept_watch.probes.records import DiagCounter, KernelSnapshot, ListenerCounters, WorkerCounters
 from tests.watcher import run_cli
 
 
@@ -174,7 +174,7 @@ def test_split_by_ownership() -> None:
         wait_hist={(10, 80): {1: 3}, (20, 90): {2: 5}},
         listeners=(ListenerCounters(inode=100, port=80, accepts=7, depth_max=0, backlog_limit=128),
                    ListenerCounters(inode=200, port=90, accepts=5, depth_max=0, backlog_limit=128)),
-        transitions={(80, 10, 11): 2, (90, 20, 20): 4}, diag={c: 0 for c in Counter})
+        transitions={(80, 10, 11): 2, (90, 20, 20): 4}, diag={c: 0 for c in DiagCounter})
     a = targets.split(snap, {10, 11}, [100])
     assert [w.pid for w in a.workers] == [10, 11] and set(a.wait_hist) == {(10, 80)}
     assert [lst.inode for lst in a.listeners] == [100] and a.transitions == {(80, 10, 11): 2}
@@ -221,6 +221,13 @@ def test_serve_app_routes_and_token() -> None:
     assert 'accept_watch_worker_accepts_total{pid="7",server="web"} 3.0' in text
     assert 'accept_watch_target_up{server="db"} 0.0' in text
     assert "accept_watch_pruned_workers_total 2.0" in text
+    # In-kernel loss counters are one set for the whole daemon: said in their HELP, not split.
+    helps = dict(line[len("# HELP "):].split(" ", 1) for line in text.splitlines()
+                 if line.startswith("# HELP "))
+    assert "daemon-wide" in helps["accept_watch_unattributed_accepts_total"]
+    assert "daemon-wide" in helps["accept_watch_lost_events_total"]
+    assert "daemon-wide" not in helps["accept_watch_evicted_workers_total"]  # per target (user space)
+    assert text.count("# HELP accept_watch_unattributed_accepts_total") == 1
     assert text.count("# TYPE accept_watch_target_up gauge") == 1 and "process_cpu_seconds_total" in text
     assert client.get("/api/targets", headers=auth).json() == {"targets": [{"server": "web", "up": True}]}
     assert client.get("/api/targets/web", headers=auth).json()["total_accepts"] == 3

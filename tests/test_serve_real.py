@@ -186,6 +186,7 @@ def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
                       web=web)
     totals: Counter[int] = Counter()
     rss: list[int] = []
+    listener_entries: list[float] = []
     try:
         for i in range(1, 21):
             with servers.start_gunicorn(workers=1, port=port, extra_args=["--pid", str(pidfile)]) as srv:
@@ -195,6 +196,7 @@ def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
                 assert servers.run_clients(port, 5).ok == 5
             totals.update(srv.ground_truth())
             rss.append(run.rss_bytes())
+            listener_entries.append(run.value("accept_watch_kernel_listener_entries") or 0)
         wait_for(lambda: run.value("accept_watch_accepts_total", server="small") == 100, 10, run.stderr)
         # After the retention time every exited worker is folded away: one pid series, "exited".
         wait_for(lambda: list(_pid_series(run, "small")) == ["exited"], 20,
@@ -209,6 +211,14 @@ def test_twenty_restarts_stay_bounded(tmp_path: Path) -> None:
         assert len(doc["masters"]) == 20
         assert (run.value("accept_watch_pruned_workers_total") or 0) >= 20
         assert run.value("accept_watch_target_up", server="small") == 0
+        # Each restart opened a new listening socket (20 kernel listener entries): the closed ones are
+        # deleted from the kernel map after the retention time, their figures kept in the document.
+        wait_for(lambda: run.value("accept_watch_kernel_listener_entries") == 0, 20,
+                 lambda: f"{run.value('accept_watch_kernel_listener_entries')} entries; {run.stderr()}")
+        assert run.value("accept_watch_pruned_listeners_total") == 20
+        assert max(listener_entries) < 12, listener_entries  # bounded during the restarts (20 unpruned)
+        listeners = run.document("small")["listeners"]
+        assert len(listeners) == 20 and sum(lst["accepts"] for lst in listeners) == 100, listeners
         # Memory: flat once warm (the later restarts add nothing that stays).
         assert rss[-1] - rss[4] < 16 << 20, [r >> 20 for r in rss]
     finally:

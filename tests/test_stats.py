@@ -14,7 +14,7 @@ from accept_watch.daemon.stats import Aggregator
 from accept_watch.probes.histogram import bucket_bounds, bucket_index
 from accept_watch.probes.records import (
     AcceptEvent,
-    Counter,
+    DiagCounter,
     EventSource,
     KernelSnapshot,
     ListenerCounters,
@@ -333,7 +333,7 @@ def test_closed_and_kernel_only_listeners() -> None:
 def test_transitions_diagnostics_and_losses() -> None:
     agg, _ = make(max_transitions=2)
     trans = {(PORT, 0, 101): 1, (PORT, 101, 102): 5, (PORT, 102, 101): 4, (PORT, 101, 101): 1}
-    diag = {Counter.EVENTS_LOST: 3, Counter.STATS_MAP_FULL: 1, Counter.FD_WALK_FAILED: 2}
+    diag = {DiagCounter.EVENTS_LOST: 3, DiagCounter.STATS_MAP_FULL: 1, DiagCounter.FD_WALK_FAILED: 2}
     agg.update(snap(START + S, [wc(101, 6), wc(102, 5)], transitions=trans, diag=diag), topo(), {})
     doc = agg.document()
     assert doc["transitions"] == [
@@ -342,7 +342,7 @@ def test_transitions_diagnostics_and_losses() -> None:
     ]
     assert doc["lost_events"] == 3 and doc["unattributed"] == 3
     d = doc["diagnostics"]
-    assert {c.name.lower() for c in Counter} <= set(d)
+    assert {c.name.lower() for c in DiagCounter} <= set(d)
     assert (d["events_lost"], d["stats_map_full"], d["fd_walk_failed"], d["hist_map_full"]) == (3, 1, 2, 0)
     assert d["transitions_omitted"] == 2
 

@@ -9,10 +9,35 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 ACCEPT_WATCH = [sys.executable, "-m", "accept_watch.daemon.cli"]
+
+
+class Started(Protocol):
+    """An accept-watch process a test started (WatchRun here, ServeRun in tests/servewatch.py)."""
+
+    proc: subprocess.Popen[str]
+
+    def stderr(self) -> str: ...
+
+    def stop(self, sig: int = ..., timeout: float = ...) -> int: ...
+
+
+def stop_process(proc: subprocess.Popen[str], sig: int, timeout: float) -> int:
+    """Signal an accept-watch the test started and reap it; one that does not exit in time is killed
+    and the timeout raised (a test must not pass on a hung daemon)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 @dataclass
@@ -23,14 +48,7 @@ class WatchRun:
     stderr_path: Path
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        return stop_process(self.proc, sig, timeout)
 
     def document(self) -> dict:
         return json.loads(self.export.read_text())
@@ -60,15 +78,23 @@ def start_watch(pid: int | None, tmp: Path, *extra: str, events: bool = False, t
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     run = WatchRun(proc, export, ev_path, stderr_path)
+    wait_ready(run, lambda err: "attached in" in err and (dashboard is None or "dashboard at" in err),
+               "accept-watch", timeout)
+    return run
+
+
+def wait_ready(run: Started, ready: Callable[[str], bool], name: str, timeout: float) -> None:
+    """Wait until `ready(its stderr)` for an accept-watch the test started (a WatchRun, or servewatch's
+    ServeRun); one that exits or is not ready in time (then killed) fails with its stderr."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "attached in" in run.stderr() and (dashboard is None or "dashboard at" in run.stderr()):
-            return run
-        if proc.poll() is not None:
-            raise AssertionError(f"accept-watch exited {proc.returncode}: {run.stderr()}")
+        if ready(run.stderr()):
+            return
+        if run.proc.poll() is not None:
+            raise AssertionError(f"{name} exited {run.proc.returncode}: {run.stderr()}")
         time.sleep(0.05)
     run.stop(signal.SIGKILL)
-    raise AssertionError(f"accept-watch did not attach within {timeout}s: {run.stderr()}")
+    raise AssertionError(f"{name} was not ready within {timeout} s: {run.stderr()}")
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from servers import REPO, VENV_BIN
+from .servers import REPO, VENV_BIN
 
 # The commit issue 14's work started from (performance round 2): `--before REF` picks another.
 DEFAULT_REF = "14aa46d"
@@ -46,6 +46,6 @@ def prepare(ref: str, workdir: Path) -> tuple[list[str], str]:
     return [str(VENV_BIN / "python"), "-c", code], commit
 
 
-if __name__ == "__main__":  # a quick check: python scripts/bench/before.py REF DIR -- --version
+if __name__ == "__main__":  # a quick check: python -m scripts.bench.before REF DIR -- --version
     prefix, resolved = prepare(sys.argv[1], Path(sys.argv[2]))
     print(resolved, subprocess.run([*prefix, *sys.argv[4:]], check=False).returncode)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from servers import Nginx
-from tools import AcceptWatch, Load, ToolError, run_wrk
+from .servers import Nginx
+from .tools import AcceptWatch, Load, ToolError, run_wrk
 
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 PROG_PREFIXES = ("tracepoint__", "raw_tracepoint", "kretfunc__", "kretprobe__")

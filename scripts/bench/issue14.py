@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchdoc import _all_aw_runs, _rounds_used, _workload, long_run_flatness
+from .summaries import all_aw_runs, find_workload, long_run_flatness, rounds_used
 
 RSS_LIMIT_MB = 90.0
 ATTACH_LIMIT_S = 1.0
@@ -19,7 +19,7 @@ P99_LIMIT = 0.05
 
 
 def _mode(results: dict[str, Any], workload: str, mode: str) -> dict[str, Any] | None:
-    w = _workload(results, workload)
+    w = find_workload(results, workload)
     return (w or {}).get("summary", {}).get("modes", {}).get(mode)
 
 
@@ -42,7 +42,7 @@ def _p99(m: dict[str, Any] | None) -> str:
 
 
 def _current_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in _all_aw_runs(results) if not r["mode"].endswith("-before")]
+    return [r for r in all_aw_runs(results) if not r["mode"].endswith("-before")]
 
 
 def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
@@ -88,7 +88,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
         was = f" (before: {_p99(before)})" if before else ""
         add("p99", f"Default mode: p99 change ≤ +{100 * P99_LIMIT:.0f} % at max rate",
             aw_max["p99_ratio"]["median"] - 1 <= P99_LIMIT, f"{_p99(aw_max)}{was}")
-        runs = [r for rnd in _rounds_used(_workload(results, "nginx-max") or {"rounds": []})
+        runs = [r for rnd in rounds_used(find_workload(results, "nginx-max") or {"rounds": []})
                 for r in rnd["runs"] if r["mode"] in ("aw", "aw-events", "aw-paused")]
         exact = sum(1 for r in runs if r["counts"]["verdict"] == "exact" and r["aw"]["unattributed"] == 0)
         add("exact14", "Counts exact (nginx at max rate)", exact == len(runs) and bool(runs),

@@ -15,17 +15,18 @@ accept-watch's count must equal N in every aw mode.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchdoc import spread
-from servers import REPO, VENV_BIN, free_port
-from tools import AcceptWatch, Attached, Bpftrace, ToolError
+from .servers import REPO, VENV_BIN, free_port
+from .summaries import spread
+from .tools import AcceptWatch, Attached, Bpftrace, ToolError
 
 MODES = ("baseline", "aw", "aw-before", "aw-noinflight", "floor", "floor-noinflight", "bpftrace")
 MICRO = REPO / "scripts" / "bench" / "micro"
@@ -61,60 +62,75 @@ def _parse(line: str) -> dict[str, float]:
     return {k: float(v) for k, v in fields.items()}
 
 
-def run_one(binary: Path, mode: str, n: int, workdir: Path,
-            before: list[str] | None = None) -> dict[str, Any]:
-    wdir = workdir / f"loopback-{mode}-{time.monotonic_ns()}"
-    wdir.mkdir()
+def build_connbench(workdir: Path) -> Path:
+    binary = workdir / "connbench"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(MICRO / "connbench.c")], check=True)
+    return binary
+
+
+@contextlib.contextmanager
+def connbench(binary: Path, n: int) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """connbench on BENCH_CPU, set up for n connections and waiting for "go" on its stdin: yields it
+    and its pid (the process to attach to); killed and reaped on the way out if still running."""
     bench = subprocess.Popen(
         ["taskset", "-c", BENCH_CPU, str(binary), str(n), str(free_port()), "-"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
-    tool: Attached | None = None
     try:
         assert bench.stdout is not None and bench.stdin is not None
         first = bench.stdout.readline().split()
         if first[:1] != ["pid"]:
             raise ToolError(f"connbench did not start: {first}")
-        pid = int(first[1])
-        if mode == "aw":
-            tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None))
-        elif mode == "aw-before":
-            tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None, prefix=before))
-        elif mode == "aw-noinflight":
-            tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None,
-                                       extra=("--no-inflight",)))
-        elif mode in ("floor", "floor-noinflight"):
-            tool = _pinned(FloorHooks(wdir, inflight=mode == "floor"))
-        elif mode == "bpftrace":
-            tool = _pinned(Bpftrace(wdir))
-        if tool is not None:
-            tool.start()
-            tool.wait_ready()
-            time.sleep(0.5)
-        bench.stdin.write("go\n")
-        bench.stdin.flush()
-        out = bench.stdout.read()
-        if bench.wait(timeout=120) != 0:
-            raise ToolError(f"connbench failed: {out.strip()}")
-        rec: dict[str, Any] = {"mode": mode, **_parse(out.strip().splitlines()[-1])}
-        rec["us_per_conn"] = round(rec["wall"] / n * 1e6, 4)
-        if tool is not None:
-            rc, _ = tool.interrupt()
-            if rc != 0:
-                raise ToolError(f"{tool.name} exited with status {rc}")
-        if isinstance(tool, AcceptWatch):
-            export = tool.export()
-            rec["aw_total"] = export["total_accepts"]
-            rec["aw_unattributed"] = export["unattributed"]
-            rec["exact"] = export["total_accepts"] == n and export["unattributed"] == 0
-        return rec
+        yield bench, int(first[1])
     finally:
-        if tool is not None:
-            tool.kill()
         if bench.poll() is None:
             bench.kill()
             bench.wait(timeout=10)
-        shutil.rmtree(wdir, ignore_errors=True)
+
+
+def run_one(binary: Path, mode: str, n: int, workdir: Path,
+            before: list[str] | None = None) -> dict[str, Any]:
+    wdir = workdir / f"loopback-{mode}-{time.monotonic_ns()}"
+    wdir.mkdir()
+    tool: Attached | None = None
+    with connbench(binary, n) as (bench, pid):
+        try:
+            if mode == "aw":
+                tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None))
+            elif mode == "aw-before":
+                tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None, prefix=before))
+            elif mode == "aw-noinflight":
+                tool = _pinned(AcceptWatch(wdir, pid, events=False, dashboard_port=None,
+                                           extra=("--no-inflight",)))
+            elif mode in ("floor", "floor-noinflight"):
+                tool = _pinned(FloorHooks(wdir, inflight=mode == "floor"))
+            elif mode == "bpftrace":
+                tool = _pinned(Bpftrace(wdir))
+            if tool is not None:
+                tool.start()
+                tool.wait_ready()
+                time.sleep(0.5)
+            bench.stdin.write("go\n")
+            bench.stdin.flush()
+            out = bench.stdout.read()
+            if bench.wait(timeout=120) != 0:
+                raise ToolError(f"connbench failed: {out.strip()}")
+            rec: dict[str, Any] = {"mode": mode, **_parse(out.strip().splitlines()[-1])}
+            rec["us_per_conn"] = round(rec["wall"] / n * 1e6, 4)
+            if tool is not None:
+                rc, _ = tool.interrupt()
+                if rc != 0:
+                    raise ToolError(f"{tool.name} exited with status {rc}")
+            if isinstance(tool, AcceptWatch):
+                export = tool.export()
+                rec["aw_total"] = export["total_accepts"]
+                rec["aw_unattributed"] = export["unattributed"]
+                rec["exact"] = export["total_accepts"] == n and export["unattributed"] == 0
+            return rec
+        finally:
+            if tool is not None:
+                tool.kill()
+            shutil.rmtree(wdir, ignore_errors=True)
 
 
 def loopback_run(
@@ -124,8 +140,7 @@ def loopback_run(
     """before: the command of the earlier version (before.py); None leaves aw-before out."""
     if shutil.which("gcc") is None or shutil.which("taskset") is None:
         return {"skipped": "gcc or taskset not found"}
-    binary = workdir / "connbench"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(MICRO / "connbench.c")], check=True)
+    binary = build_connbench(workdir)
     out: dict[str, Any] = {"connections_per_run": n, "rounds": []}
     modes = tuple(m for m in MODES if before is not None or m != "aw-before")
     for r in range(rounds):
@@ -162,5 +177,5 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spread_sd(values: list[float]) -> dict[str, float]:
-    """benchdoc.spread plus the run-to-run standard deviation (shown for the loopback runs)."""
+    """summaries.spread plus the run-to-run standard deviation (shown for the loopback runs)."""
     return {**(spread(values) or {}), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-# nginx/gunicorn runs. "-before": the same mode with accept-watch as it was at an earlier commit
+# nginx/gunicorn runs: every round runs these.
+MODES = ("baseline", "aw", "aw-events", "bpftrace")
+# Diagnostic mode (nginx at full speed only): accept-watch attached, its daemon stopped (SIGSTOP) for
+# the load, so only the BPF programs run: their cost, separated from the daemon's.
+PAUSED = "aw-paused"
+# "-before": the same mode with accept-watch as it was at an earlier commit
 # (before.py), so a change is measured against its predecessor in the same rounds.
 AW_MODES = ("aw", "aw-events", "aw-paused", "aw-before", "aw-events-before")
 BEFORE_MODES = {"aw-before": "aw", "aw-events-before": "aw-events"}

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from accept_watch.probes.kernel import COMPILER_LIBS
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -50,10 +53,8 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def rss_by_mapping(pid: int, top: int = 8) -> list[dict[str, object]]:
-    """Where a process's RSS is: /proc/PID/smaps summed per mapped file ([heap], [anon], ...), in MB."""
-    rss: dict[str, int] = {}
-    anon: dict[str, int] = {}
+def _smaps(pid: int) -> Iterator[tuple[str, str, int]]:
+    """(mapped file or "[anon]", field, kB) for every size line of /proc/PID/smaps."""
     current = "[anon]"
     try:
         with open(f"/proc/{pid}/smaps") as f:
@@ -63,17 +64,38 @@ def rss_by_mapping(pid: int, top: int = 8) -> list[dict[str, object]]:
                     continue
                 if not parts[0].endswith(":"):  # a mapping header: range perms offset dev inode [path]
                     current = parts[5] if len(parts) > 5 else "[anon]"
-                elif parts[0] == "Rss:":
-                    rss[current] = rss.get(current, 0) + int(parts[1])
-                elif parts[0] == "Anonymous:":
-                    anon[current] = anon.get(current, 0) + int(parts[1])
+                elif len(parts) > 1 and parts[1].isdigit():
+                    yield current, parts[0], int(parts[1])
     except (FileNotFoundError, ProcessLookupError):
         raise ProcGone(f"pid {pid} is gone") from None
+
+
+def rss_by_mapping(pid: int, top: int = 8) -> list[dict[str, object]]:
+    """Where a process's RSS is: /proc/PID/smaps summed per mapped file ([heap], [anon], ...), in MB."""
+    rss: dict[str, int] = {}
+    anon: dict[str, int] = {}
+    for mapping, key, kib in _smaps(pid):
+        if key == "Rss:":
+            rss[mapping] = rss.get(mapping, 0) + kib
+        elif key == "Anonymous:":
+            anon[mapping] = anon.get(mapping, 0) + kib
     ranked = sorted(rss.items(), key=lambda kv: -kv[1])[:top]
     return [
         {"mapping": k, "rss_mb": round(v / 1024, 1), "anon_mb": round(anon.get(k, 0) / 1024, 1)}
         for k, v in ranked
     ]
+
+
+def compiler_memory(pid: int) -> dict[str, float]:
+    """The compiler libraries (libLLVM, libclang) in a process, in MB: mapped, resident, and resident
+    pages only this process maps (those accept-watch's MADV_PAGEOUT after compiling can give back)."""
+    kib = {"mapped": 0, "rss": 0, "private": 0}
+    fields = {"Size:": "mapped", "Rss:": "rss", "Private_Clean:": "private", "Private_Dirty:": "private"}
+    for mapping, key, size in _smaps(pid):
+        name = mapping.rsplit("/", 1)[-1]
+        if key in fields and any(lib in name for lib in COMPILER_LIBS):
+            kib[fields[key]] += size
+    return {f"{k}_mb": round(v / 1024, 1) for k, v in kib.items()}
 
 
 def loadavg() -> tuple[float, float, float]:

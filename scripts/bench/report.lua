@@ -1,4 +1,4 @@
--- Shared by the bench's wrk scripts: at the end, one machine-readable line for scripts/bench.py.
+-- Shared by the bench's wrk scripts: at the end, one machine-readable line for scripts/bench/ (make bench).
 -- wrk's latency is from writing the request to the end of the response, in microseconds
 -- (connect time and any delay() are not included).
 function done(summary, latency, requests)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procstat import ProcGone, cpu_seconds, memory_kib
-from servers import REPO, VENV_BIN
+from .procstat import ProcGone, cpu_seconds, memory_kib
+from .servers import REPO, VENV_BIN
 
 HERE = Path(__file__).resolve().parent
 ACCEPT_WATCH = VENV_BIN / "accept-watch"

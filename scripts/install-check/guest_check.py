@@ -27,6 +27,8 @@ import time
 import traceback
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PAYLOAD = Path("/opt/ic")
@@ -63,13 +65,22 @@ def tail(text: str, n: int = 1500) -> str:
 
 
 def install() -> dict:
+    """pipx and the venv install at the same time (two vCPUs; independent directories, both offline
+    from the same wheelhouse): each is a single-threaded pip, most of it Python byte-compiling."""
     wheel = next(PAYLOAD.glob("wheel/*.whl"))
     out: dict = {"wheel": wheel.name, "problems": []}
-    env = {**OFFLINE, "PIPX_HOME": "/opt/pipx", "PIPX_BIN_DIR": "/usr/local/bin"}
+    env = {**os.environ, **OFFLINE, "PIPX_HOME": "/opt/pipx", "PIPX_BIN_DIR": "/usr/local/bin"}
+    t0 = time.monotonic()
+    venv_cmd = (f"python3 -m venv --system-site-packages {VENV} && "
+                f"{VENV}/bin/pip install -q {shlex.quote(str(wheel))}")
+    venv_proc = subprocess.Popen(venv_cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, **OFFLINE})
     p = run(["pipx", "install", str(wheel)], env=env)
+    out["pipx_seconds"] = round(time.monotonic() - t0, 1)
+    v_out, v_err = venv_proc.communicate(timeout=900)
+    out["venv_seconds"] = round(time.monotonic() - t0, 1)
+    p2 = subprocess.CompletedProcess(venv_cmd, venv_proc.returncode, v_out, v_err)
     out["pipx"] = {"rc": p.returncode, "out": tail(p.stdout + p.stderr, 600)}
-    p2 = run(f"python3 -m venv --system-site-packages {VENV} && "
-             f"{VENV}/bin/pip install -q {shlex.quote(str(wheel))}", env=OFFLINE)
     out["venv"] = {"rc": p2.returncode, "out": tail(p2.stdout + p2.stderr, 600)}
     for name, proc in (("pipx", p), ("venv --system-site-packages", p2)):
         if proc.returncode != 0:
@@ -223,6 +234,13 @@ def cli_count(binary: Path, n: int) -> dict:
 # ------------------------------------------------------------------ main
 
 
+def timed(kind: str, step: Callable[[], dict]) -> None:
+    """Run one phase and emit its result with how long it took (the run's time budget is per phase)."""
+    t0 = time.monotonic()
+    res = step()
+    emit(kind, **res, seconds=round(time.monotonic() - t0, 1))
+
+
 def main() -> int:
     checks = next((a.split("=", 1)[1].split(",") for a in Path("/proc/cmdline").read_text().split()
                    if a.startswith("ic.checks=")), ["install", "systemd"])
@@ -232,25 +250,28 @@ def main() -> int:
          systemd=run(["systemctl", "--version"]).stdout.split("\n")[0], checks=checks,
          uptime=Path("/proc/uptime").read_text().split()[0])
     try:
-        log("installing the wheel (pipx, and a venv with --system-site-packages)")
-        emit("install", **install())
+        log("installing the wheel (pipx, and a venv with --system-site-packages, side by side)")
+        timed("install", install)
         log("doctor before python3-bpfcc and the kernel headers are installed")
         before = doctor(PIPX_BIN, "before", text=True)
         emit("doctor_before", **before, problems=check_doctor_before(before, krel))
         log("running doctor's fix commands")
-        emit("fixes", **apply_fixes(before))
-        log("doctor again (pipx: plain venv)")
-        after = doctor(PIPX_BIN, "pipx")
+        timed("fixes", lambda: apply_fixes(before))
+        # Both installs' doctors at once: each compiles and attaches every probe kind (the slow part
+        # under TCG, one clang at a time per process), two vCPUs.
+        log("doctor again, pipx (plain venv) and venv (--system-site-packages) side by side")
+        with ThreadPoolExecutor(2) as pool:
+            pipx_doc = pool.submit(doctor, PIPX_BIN, "pipx")
+            venv_doc = pool.submit(doctor, VENV / "bin/accept-watch", "venv")
+            after, after_venv = pipx_doc.result(), venv_doc.result()
         emit("doctor_pipx", **after, problems=check_doctor_after(after, "loaded from"))
-        log("doctor again (venv --system-site-packages)")
-        after = doctor(VENV / "bin/accept-watch", "venv")
-        emit("doctor_venv", **after, problems=check_doctor_after(after, "imported from"))
+        emit("doctor_venv", **after_venv, problems=check_doctor_after(after_venv, "imported from"))
         log(f"--dry-run and an exact count of {N_CLI} connections to Debian's gunicorn")
-        emit("count", **cli_count(VENV / "bin/accept-watch", N_CLI))
+        timed("count", lambda: cli_count(VENV / "bin/accept-watch", N_CLI))
         if "systemd" in checks:
             from guest_systemd import systemd_check
 
-            emit("systemd", **systemd_check(N_SYSTEMD))
+            timed("systemd", lambda: systemd_check(N_SYSTEMD))
     except Exception:
         emit("error", problems=[traceback.format_exc()[-3000:]])
     print("IC-END", flush=True)

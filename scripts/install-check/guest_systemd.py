@@ -16,11 +16,18 @@ UNIT_DIR = Path("/etc/systemd/system")
 DROPIN = UNIT_DIR / "accept-watch.service.d"
 APP_LOG = Path("/run/ic-gunicorn/app.log")
 PIDFILE = "/run/ic-gunicorn/gunicorn.pid"
-# The unit ships `accept-watch serve --config ...` (the multi-target daemon, another branch). Until that
-# subcommand exists in the wheel, the check runs the unit with the session mode through a drop-in, as
-# the unit's own comment documents; everything else in the unit is what ships.
-SESSION_EXEC = ("/usr/local/bin/accept-watch --pidfile " + PIDFILE + " --quiet --listen " + METRICS
-                + " --export ${STATE_DIRECTORY}/export.json")
+CONFIG = Path("/etc/accept-watch/serve.toml")
+EXPORT = Path("/var/lib/accept-watch/web.json")  # export_dir below, <server>.json
+# The unit runs as shipped: `accept-watch serve --config /etc/accept-watch/serve.toml`, the production
+# mode; this is the file a user writes (README "Production"), one target found through its pid file.
+SERVE_TOML = f"""# written by the install check
+listen = "{METRICS}"
+export_dir = "/var/lib/accept-watch"
+
+[[target]]
+name = "web"
+pidfile = "{PIDFILE}"
+"""
 CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24,
         "CAP_PERFMON": 38, "CAP_BPF": 39}
 GUNICORN_UNIT = f"""[Unit]
@@ -71,9 +78,11 @@ def journal(since: float) -> str:
     return run(cmd).stdout
 
 
-def metrics_counts(text: str) -> dict[str, int]:
+def metrics_counts(text: str, server: str = "web") -> dict[str, int]:
     out = {}
     for m in re.finditer(r'^accept_watch_worker_accepts_total\{([^}]*)\} ([0-9.e+]+)$', text, re.M):
+        if f'server="{server}"' not in m.group(1):
+            continue
         pid = re.search(r'pid="([^"]+)"', m.group(1))
         if pid and pid.group(1).isdigit() and float(m.group(2)) > 0:
             out[pid.group(1)] = int(float(m.group(2)))
@@ -92,7 +101,7 @@ def start_and_count(extra: str, n: int, attach_timeout: float = 600) -> dict:
     deadline = time.monotonic() + attach_timeout
     while time.monotonic() < deadline:
         text = journal(since)
-        if "attached in" in text and "dashboard at" in text:
+        if "attached in" in text and "serving /metrics" in text:
             break
         if prop("ActiveState") in ("failed", "inactive"):
             break
@@ -108,7 +117,9 @@ def start_and_count(extra: str, n: int, attach_timeout: float = 600) -> dict:
         after = app_counts(APP_LOG)
         expected = {p: c - before.get(p, 0) for p, c in after.items() if c - before.get(p, 0)}
         got = metrics_counts(body)
-        out.update(metrics=got, app=expected, works=got == expected and sum(expected.values()) == n)
+        series = len([ln for ln in body.splitlines() if ln.startswith("accept_watch_")])
+        out.update(metrics=got, app=expected, works=got == expected and sum(expected.values()) == n,
+                   metrics_series=series, metrics_servers=sorted(set(re.findall(r'server="([^"]+)"', body))))
     text = journal(since)
     out["journal_tail"] = tail(text, 700)
     out["ansi_in_journal"] = "\x1b" in text
@@ -124,7 +135,11 @@ def systemd_check(n: int) -> dict:
     (UNIT_DIR / "accept-watch.service").write_text(unit_text)
     (UNIT_DIR / "ic-gunicorn.service").write_text(GUNICORN_UNIT)
     DROPIN.mkdir(exist_ok=True)
-    (DROPIN / "10-session.conf").write_text(f"[Service]\nExecStart=\nExecStart={SESSION_EXEC}\n")
+    CONFIG.parent.mkdir(exist_ok=True)
+    CONFIG.write_text(SERVE_TOML)
+    out["exec_start"] = next((ln for ln in unit_text.splitlines() if ln.startswith("ExecStart=")), "")
+    if "accept-watch serve --config" not in out["exec_start"]:
+        out["problems"].append(f"the unit does not start the daemon mode: {out['exec_start']!r}")
     systemctl("daemon-reload")
     verify = run(["systemd-analyze", "verify", str(UNIT_DIR / "accept-watch.service")])
     out["analyze_verify"] = tail(verify.stdout + verify.stderr, 600)
@@ -163,8 +178,7 @@ def systemd_check(n: int) -> dict:
     out["caps_names"] = names_of(caps.get("CapEff", "0"))
     if base.get("ansi_in_journal"):
         out["problems"].append("ANSI escapes in the journal")
-    state = Path("/var/lib/accept-watch/export.json")
-    out["export_written"] = state.exists() and state.stat().st_size > 0
+    out["export_written"] = EXPORT.exists() and EXPORT.stat().st_size > 0
     if not out["export_written"]:
         out["problems"].append("no export in the StateDirectory after stop")
 

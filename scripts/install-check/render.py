@@ -69,14 +69,19 @@ def details(run: dict) -> list[str]:
     if sysd:
         base = sysd.get("shipped") or {}
         caps = base.get("caps") or {}
-        out += ["", "systemd unit (deploy/systemd/accept-watch.service, ExecStart switched to the session "
-                "mode by a drop-in until `serve` exists):", "",
+        out += ["", "systemd unit (deploy/systemd/accept-watch.service as shipped: "
+                f"`{sysd.get('exec_start', '?').removeprefix('ExecStart=')}`, the config file one "
+                "`[[target]]` found by its pid file, a gunicorn service run as www-data):", "",
                 f"- declared: {' '.join(sysd.get('declared', []))}; the running service: "
                 f"CapEff {caps.get('CapEff')}, "
                 f"CapPrm {caps.get('CapPrm')}, CapBnd {caps.get('CapBnd')}, CapAmb {caps.get('CapAmb')}, "
                 f"NoNewPrivs {caps.get('NoNewPrivs')}, Uid {caps.get('Uid')}",
                 f"- /metrics {base.get('metrics')} vs the app's log {base.get('app')}; ANSI in the journal: "
-                f"{base.get('ansi_in_journal')}; export in the StateDirectory: {sysd.get('export_written')}",
+                f"{base.get('ansi_in_journal')}; export in the StateDirectory: {sysd.get('export_written')}; "
+                f"{base.get('metrics_series')} accept_watch_* series, server labels "
+                f"{base.get('metrics_servers')}",
+                f"- kernel.perf_event_paranoid: {sysd.get('perf_event_paranoid_default')} at boot, "
+                f"{sysd.get('perf_event_paranoid')} with deploy/systemd/accept-watch-sysctl.conf",
                 f"- `systemd-analyze security`: {sysd.get('analyze_security') or '-'}", "",
                 "| run | counts exactly | state | the journal's last error |", "|---|---|---|---|"]
         for e in sysd.get("experiments", []):
@@ -87,6 +92,42 @@ def details(run: dict) -> list[str]:
     return [*out, ""]
 
 
+PHASES = (("boot", "boot (kernel + systemd, to the driver)"), ("install", "pipx ‖ venv install"),
+          ("doctor_before", "doctor before"), ("fixes", "apt-get install (doctor's fixes)"),
+          ("doctor_pipx", "doctor pipx ‖ venv (BCC compiles)"), ("count", "--dry-run + exact count"),
+          ("systemd", "systemd unit runs"))
+
+
+def phase_table(doc: dict) -> list[str]:
+    """Where each guest's time went: seconds per phase, from the guest's own clock."""
+    runs = doc.get("runs", [])
+    out = ["| phase | " + " | ".join(r["suite"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
+    for kind, label in PHASES:
+        cells = []
+        for r in runs:
+            res = r["results"].get(kind) or {}
+            sec = float(res.get("uptime", 0)) if kind == "boot" else res.get("seconds")
+            cells.append("-" if sec is None else f"{float(sec):.0f} s")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("| whole guest (QEMU start to power-off) | "
+               + " | ".join(f"{r.get('seconds', 0):.0f} s" for r in runs) + " |")
+    out.append("| QEMU's CPU time (user + system) | "
+               + " | ".join(f"{r.get('qemu_cpu_seconds', 0):.0f} s" for r in runs) + " |")
+    host = doc.get("host_seconds") or {}
+    if host:
+        out += ["", "Host side: " + ", ".join(f"{k} {v:.0f} s" for k, v in host.items()) + "."]
+    loads = sorted(x for r in doc.get("runs", []) for x in r.get("loadavg", []))
+    if loads:
+        doc = {**doc, "loadavg_note": f"median {loads[len(loads) // 2]}, range {loads[0]}-{loads[-1]} during "
+               "the guests' run"}
+    if doc.get("loadavg_note"):
+        out += ["", f"Host load average (1 min): {doc['loadavg_note']}."]
+    if doc.get("loadavg_at_end"):
+        out += ["", f"Host: {doc.get('cpus')} CPUs, load average at the end {doc['loadavg_at_end']} (the "
+                "machine is shared with other jobs: phase times vary with their load)."]
+    return out
+
+
 INTRO = """
 The wheel, and nothing else of the repository, on plain Debian 12 and Debian 13 systems, each
 booting its own stock kernel with systemd under QEMU (TCG, no network: the wheel's dependencies are
@@ -95,7 +136,12 @@ a plain venv: bcc loaded from Debian's directory) and a `--system-site-packages`
 imported); `accept-watch doctor` before python3-bpfcc and the kernel headers are installed (it must
 fail on exactly those and print their `apt-get install` commands); those commands run verbatim;
 doctor again for both installs; `--dry-run`; an exact count of 200 connections to Debian's gunicorn
-(3 sync workers) against the app's own per-pid log; then the systemd unit (see the details).
+(3 sync workers) against the app's own per-pid log; then deploy/systemd/accept-watch.service as
+shipped, `accept-watch serve --config /etc/accept-watch/serve.toml`, watching a gunicorn service run
+as www-data: /metrics against the app's log, exactly the declared capabilities (each one shown
+needed by a run without it), at Debian's `perf_event_paranoid=3` and with the shipped sysctl file.
+What the kernel matrix proves (every probe path on 5.10/6.1/6.12) is not repeated here: the guests
+use whatever probe `auto` picks.
 """
 
 
@@ -111,7 +157,10 @@ def render(doc: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [suite_row(run) for run in doc.get("runs", [])]
-    lines.append("")
+    lines += ["", "## Where the time goes", "",
+              "The two guests boot side by side (each QEMU TCG, 2 vCPUs, on this host's 2 cores); inside a "
+              "guest the two installs and the two installs' doctors run side by side too.", "",
+              *phase_table(doc), ""]
     for run in doc.get("runs", []):
         lines += details(run)
     lines += ["Reproduce: `make install-check` (root; builds and caches the two roots under",

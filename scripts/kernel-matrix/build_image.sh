@@ -20,58 +20,21 @@ REPO=$(cd "${2:?usage: build_image.sh OUT_DIR REPO_DIR}" && pwd)
 MIRROR=${KM_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${KM_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITES=${KM_KERNEL_SUITES:-bullseye bookworm trixie}
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 WORK=$OUT.tmp
 ROOT=$WORK/rootfs
-say() { printf 'build-image: %s\n' "$*"; }
-die() { printf 'build-image: error: %s\n' "$*" >&2; exit 1; }
-fetch_failed() { printf 'build-image: FETCH FAILED: %s (package archive unreachable or incomplete; not a test failure)\n' "$*" >&2; exit 3; }
+TAG=build-image
+# shellcheck source=../lib/chroot-build.sh
+. "$(dirname "$0")/../lib/chroot-build.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap, chroot, mounts)"
 for tool in debootstrap mkfs.ext4 chroot; do command -v "$tool" >/dev/null || die "$tool not found"; done
 
-# --- chroot mounts: apt's maintainer scripts need /proc and /dev; always undone on exit --------------
-MOUNTS=()
-mount_chroot() {
-  mkdir -p "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" "$ROOT/dev/pts"
-  mount -t proc proc "$ROOT/proc" && MOUNTS+=("$ROOT/proc")
-  mount -t sysfs sysfs "$ROOT/sys" && MOUNTS+=("$ROOT/sys")
-  mount --bind /dev "$ROOT/dev" && MOUNTS+=("$ROOT/dev")
-  mount -t devpts -o newinstance,ptmxmode=0666 devpts "$ROOT/dev/pts" && MOUNTS+=("$ROOT/dev/pts")
-}
-umount_chroot() {
-  local i
-  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-    umount "${MOUNTS[$i]}" 2>/dev/null || umount -l "${MOUNTS[$i]}" 2>/dev/null || true
-  done
-  MOUNTS=()
-}
-trap umount_chroot EXIT
-in_chroot() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-  DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
-
-# A previous build that died may have left mounts under WORK: undo them before deleting it.
-if [ -d "$WORK" ]; then
-  { grep -o " $WORK/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" || true; done
-  rm -rf "$WORK"
-fi
-mkdir -p "$WORK"
+fresh_workdir
 start=$SECONDS
 
 # --- 1. bookworm minbase -----------------------------------------------------------------------------
-say "debootstrap bookworm (minbase)"
-nice -n 10 debootstrap --variant=minbase --keyring="$KEYRING" bookworm "$ROOT" "$MIRROR" \
-  >"$WORK/debootstrap.log" 2>&1 || { tail -n 5 "$WORK/debootstrap.log" >&2; fetch_failed "debootstrap bookworm"; }
-cat >"$ROOT/etc/apt/sources.list" <<EOF
-deb $MIRROR bookworm main
-deb $MIRROR bookworm-updates main
-deb $SECURITY_MIRROR bookworm-security main
-EOF
-cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-# No daemon may start inside the chroot during package installs.
-printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d" && chmod +x "$ROOT/usr/sbin/policy-rc.d"
-mount_chroot
+debootstrap_minbase bookworm "$MIRROR" "$SECURITY_MIRROR"
 
 say "installing the guest's packages"
 # What `make test` needs from setup.sh's package list to run accept-watch (bcc, bpftool, venv,
@@ -213,18 +176,9 @@ printf '127.0.0.1 localhost\n::1 localhost\n' >"$ROOT/etc/hosts"
   echo "python3-bpfcc $(in_chroot dpkg-query -W -f='${Version}' python3-bpfcc)"
   echo "gunicorn $(in_chroot /opt/accept-watch/.venv/bin/python -c 'import gunicorn; print(gunicorn.__version__)')"
 } >"$WORK/userland.txt"
-umount_chroot
-rm -f "$ROOT/usr/sbin/policy-rc.d"
 rm -rf "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/km-apt "$ROOT"/root/.cache "$ROOT"/tmp/*
 mkdir -p "$WORK/boot"
 for krel in "${KRELS[@]}"; do
   cp "$ROOT/boot/vmlinuz-$krel" "$ROOT/boot/initrd.img-$krel" "$WORK/boot/"
 done
-used_mb=$(du -sm "$ROOT" | cut -f1)
-size_mb=$((used_mb + used_mb / 5 + 1024))  # metadata, plus room for the guest's runs (pycache, logs)
-say "mkfs.ext4 -d ($used_mb MB of files, ${size_mb} MB image)"
-truncate -s "${size_mb}M" "$WORK/root.img"
-nice -n 10 mkfs.ext4 -q -F -L km-root -d "$ROOT" "$WORK/root.img" >/dev/null
-rm -rf "$ROOT"
-mv "$WORK" "$OUT"
-say "done in $((SECONDS - start)) s: $OUT"
+finish_image km-root

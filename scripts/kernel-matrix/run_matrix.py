@@ -87,7 +87,8 @@ def image_key(suites: list[str]) -> str:
     setup = (REPO / "scripts/setup.sh").read_text()
     parts = [
         str(IMAGE_GENERATION), " ".join(suites), os.environ.get("KM_MIRROR", ""),
-        (HERE / "build_image.sh").read_text(), (REPO / "pyproject.toml").read_text(),
+        (HERE / "build_image.sh").read_text(), (REPO / "scripts/lib/chroot-build.sh").read_text(),
+        (REPO / "pyproject.toml").read_text(),
         setup_section(setup, "# --- Kernel headers", "# --- tracefs"),
         setup_section(setup, "# --- Python virtual environment", None),
     ]

@@ -1,6 +1,6 @@
 """BPF run time per call of two versions of accept-watch's programs, in interleaved rounds.
 
-Usage (root, from the repository): .venv/bin/python scripts/bench/micro/ab_bpf.py [--before REF]
+Usage (root, from the repository): .venv/bin/python -m scripts.bench.micro.ab_bpf [--before REF]
 [--rounds R] [--n N]. Each round runs connbench (N loopback connections pinned to CPU 0) once with
 the earlier version (REF, default HEAD: before.py unpacks it) and once with this checkout's
 (working tree, uncommitted changes included), in alternating order (A B, B A, ...), accept-watch on
@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from before import prepare
-from servers import free_port
-from tools import AcceptWatch, ToolError
+from ..before import prepare
+from ..loopback import build_connbench, connbench
+from ..tools import AcceptWatch, ToolError
 
-MICRO = Path(__file__).resolve().parent
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 PREFIXES = ("tracepoint__", "raw_tracepoint", "kretfunc__", "kretprobe__")
 
@@ -55,55 +53,48 @@ def tool_progs(pid: int) -> dict[int, dict[str, int]]:
 
 
 def one_run(binary: Path, n: int, workdir: Path, prefix: list[str] | None) -> dict[str, Any]:
-    bench = subprocess.Popen(["taskset", "-c", "0", str(binary), str(n), str(free_port()), "-"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     wdir = Path(tempfile.mkdtemp(dir=workdir))
     tool = None
-    try:
-        assert bench.stdout is not None and bench.stdin is not None
-        first = bench.stdout.readline().split()
-        if first[:1] != ["pid"]:
-            raise ToolError(f"connbench did not start: {first}")
-        tool = AcceptWatch(wdir, int(first[1]), events=False, dashboard_port=None, prefix=prefix)
-        tool.command = ["taskset", "-c", "1", *tool.command]
-        tool.start()
-        tool.wait_ready()
-        time.sleep(0.5)
-        assert tool.proc is not None
-        names = {i: p.get("name", "?") for i, p in progs().items()}
-        start = tool_progs(tool.proc.pid)
-        bench.stdin.write("go\n")
-        bench.stdin.flush()
-        line = bench.stdout.read().strip().splitlines()[-1]
-        bench.wait(timeout=120)
-        end = tool_progs(tool.proc.pid)
-        rc, _ = tool.interrupt()
-        if rc != 0:
-            raise ToolError(f"accept-watch exited with status {rc}")
-        export = tool.export()
-        rec: dict[str, Any] = {"wall_us": float(line.split("wall=")[1].split()[0]) / n * 1e6,
-                               "exact": export["total_accepts"] == n and export["unattributed"] == 0,
-                               "programs": {}}
-        for pid, b in end.items():
-            a = start.get(pid, {})
-            calls = b["run_cnt"] - a.get("run_cnt", 0)
-            ns = b["run_time_ns"] - a.get("run_time_ns", 0)
-            name = names.get(pid, "?")
-            if calls and name.startswith(PREFIXES):
-                rec["programs"][name] = {"ns_call": ns / calls, "ns_conn": ns / n, "calls_conn": calls / n}
-        # Other processes' accepts (other users of the machine) run the program too, mostly its cheap
-        # early return: a run where accept4 fired more than ~1 % over N is marked, left out of medians.
-        acc = rec["programs"].get("tracepoint__syscalls__sys_exit_accept4", {})
-        rec["clean"] = acc.get("calls_conn", 0) <= 1.01
-        rec["total_ns_conn"] = sum(p["ns_conn"] for p in rec["programs"].values())
-        return rec
-    finally:
-        if tool is not None:
-            tool.kill()
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait(timeout=10)
-        shutil.rmtree(wdir, ignore_errors=True)
+    with connbench(binary, n) as (bench, bench_pid):
+        try:
+            tool = AcceptWatch(wdir, bench_pid, events=False, dashboard_port=None, prefix=prefix)
+            tool.command = ["taskset", "-c", "1", *tool.command]
+            tool.start()
+            tool.wait_ready()
+            time.sleep(0.5)
+            assert tool.proc is not None
+            names = {i: p.get("name", "?") for i, p in progs().items()}
+            start = tool_progs(tool.proc.pid)
+            bench.stdin.write("go\n")
+            bench.stdin.flush()
+            line = bench.stdout.read().strip().splitlines()[-1]
+            bench.wait(timeout=120)
+            end = tool_progs(tool.proc.pid)
+            rc, _ = tool.interrupt()
+            if rc != 0:
+                raise ToolError(f"accept-watch exited with status {rc}")
+            export = tool.export()
+            rec: dict[str, Any] = {"wall_us": float(line.split("wall=")[1].split()[0]) / n * 1e6,
+                                   "exact": export["total_accepts"] == n and export["unattributed"] == 0,
+                                   "programs": {}}
+            for pid, b in end.items():
+                a = start.get(pid, {})
+                calls = b["run_cnt"] - a.get("run_cnt", 0)
+                ns = b["run_time_ns"] - a.get("run_time_ns", 0)
+                name = names.get(pid, "?")
+                if calls and name.startswith(PREFIXES):
+                    rec["programs"][name] = {"ns_call": ns / calls, "ns_conn": ns / n,
+                                             "calls_conn": calls / n}
+            # Other processes' accepts (other users of the machine) run the program too, mostly its cheap
+            # early return: a run where accept4 fired more than ~1 % over N is marked, left out of medians.
+            acc = rec["programs"].get("tracepoint__syscalls__sys_exit_accept4", {})
+            rec["clean"] = acc.get("calls_conn", 0) <= 1.01
+            rec["total_ns_conn"] = sum(p["ns_conn"] for p in rec["programs"].values())
+            return rec
+        finally:
+            if tool is not None:
+                tool.kill()
+            shutil.rmtree(wdir, ignore_errors=True)
 
 
 def fmt(values: list[float]) -> str:
@@ -119,8 +110,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ab-bpf-"))
     previous = BPF_STATS.read_text().strip()
     try:
-        binary = work / "connbench"
-        subprocess.run(["gcc", "-O2", "-o", str(binary), str(MICRO / "connbench.c")], check=True)
+        binary = build_connbench(work)
         before_prefix, commit = prepare(args.before, work)
         BPF_STATS.write_text("1\n")
         results: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
