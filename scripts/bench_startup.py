@@ -24,13 +24,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: scripts.bench is a package
 
-import before
-from procstat import OthersSample, cpu_seconds, loadavg, machine, memory_kib, others_cpu_pct, sample_others
-from servers import REPO, VENV_BIN, Nginx
-from startup_doc import render
-from tools import AcceptWatch, Load, WrkProcess
+from scripts.bench import before
+from scripts.bench.procstat import (
+    OthersSample,
+    cpu_seconds,
+    loadavg,
+    machine,
+    memory_kib,
+    others_cpu_pct,
+    sample_others,
+)
+from scripts.bench.servers import REPO, VENV_BIN, Nginx
+from scripts.bench.startup_doc import render
+from scripts.bench.tools import AcceptWatch, Load, WrkProcess
 
 TRACER = REPO / "scripts" / "bench" / "startup_trace.py"
 DEFAULT_BEFORE = "0f2ad17"  # main when issue 14's startup work began

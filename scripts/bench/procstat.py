@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from accept_watch.probes.kernel import COMPILER_LIBS
+from accept_watch.probes.compilermem import COMPILER_LIBS
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

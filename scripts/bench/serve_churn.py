@@ -30,11 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts/bench"))
-
-from tools import Load, WrkProcess  # noqa: E402  (scripts/bench/tools.py)
 
 from demo.loadgen import LoadGenerator  # noqa: E402
+from scripts.bench.tools import Load, WrkProcess  # noqa: E402
 from tests import realservers, servers  # noqa: E402
 from tests.servewatch import start_serve  # noqa: E402
 from tests.watcher import free_port  # noqa: E402

@@ -14,6 +14,7 @@ changed. Run as root. Exit 3: a package could not be fetched (mirror or PyPI unr
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -269,6 +270,10 @@ def ensure_image() -> str:
 
 
 def main() -> int:
+    argparse.ArgumentParser(
+        description="Build (or find cached) the accept-watch container image and the test-server image "
+                    "from Debian packages; exit 3 if the packages cannot be fetched.",
+    ).parse_args()
     if os.geteuid() != 0:
         print("containers: error: run as root (debootstrap, chroot, podman)", file=sys.stderr)
         return 1
