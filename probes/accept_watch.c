@@ -555,6 +555,9 @@ KRETFUNC_PROBE(inet_csk_accept, void *sk, void *flags, void *err, void *kern, vo
 // Why: same function where fentry/fexit are unavailable; a kretprobe sees only the return
 // value, so the listener comes from the sys_enter_accept* stash (attached in this mode; unknown
 // for io_uring, whose saved registers are not accept's).
+// Compiled only where a kprobe can be created (WITH_KRETPROBE): elsewhere it is never attached, and
+// its copy of record_accept would cost the compile ~50 ms at every launch.
+#if WITH_KRETPROBE
 int kretprobe__inet_csk_accept(struct pt_regs *ctx)
 {
     u64 newsk = PT_REGS_RC(ctx);
@@ -571,6 +574,7 @@ int kretprobe__inet_csk_accept(struct pt_regs *ctx)
     mark_counted(newsk);
     return 0;
 }
+#endif
 
 // --- Hook 3: accept syscall tracepoints -----------------------------------------------------
 // Why: available wherever tracepoints are (no kprobes, no fentry needed). sys_exit gives the new
@@ -646,9 +650,10 @@ static __always_inline void on_accept_exit(long ret)
     record_accept(sk, listener, listener_ino, SRC_SYSCALL_EXIT);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_accept) { on_accept_enter(args->fd); return 0; }
+// One program per direction, attached to both accept and accept4 (probes/kernel.py): their records
+// agree on the fields read (fd first in both; ret), and each program less is one copy of
+// record_accept less to optimise and verify at every launch (~40 ms of the compile).
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { on_accept_enter(args->fd); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { on_accept_exit(args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { on_accept_exit(args->ret); return 0; }
 
 // --- When workers are done with connections (in-flight) -------------------------------------

@@ -42,8 +42,9 @@ from .records import (
 FEXIT_FNS = (b"kretfunc__vmlinux__inet_csk_accept", b"kretfunc__inet_csk_accept")
 KRETPROBE_FN = b"kretprobe__inet_csk_accept"
 # Attached in every mode.
+# accept and accept4 share one program per direction (their records agree on the fields it reads).
 TRACEPOINT_FNS: dict[str, bytes] = {
-    "syscalls:sys_exit_accept": b"tracepoint__syscalls__sys_exit_accept",
+    "syscalls:sys_exit_accept": b"tracepoint__syscalls__sys_exit_accept4",
     "syscalls:sys_exit_accept4": b"tracepoint__syscalls__sys_exit_accept4",
     "sched:sched_process_fork": b"tracepoint__sched__sched_process_fork",
     "sched:sched_process_exit": b"tracepoint__sched__sched_process_exit",
@@ -51,7 +52,7 @@ TRACEPOINT_FNS: dict[str, bytes] = {
 # The listening-fd stash: attached where the syscall exit cannot read the fd from the saved
 # registers (KernelLayout.listener_from_regs false), and for the kretprobe, which needs the stash.
 ENTER_TRACEPOINT_FNS: dict[str, bytes] = {
-    "syscalls:sys_enter_accept": b"tracepoint__syscalls__sys_enter_accept",
+    "syscalls:sys_enter_accept": b"tracepoint__syscalls__sys_enter_accept4",
     "syscalls:sys_enter_accept4": b"tracepoint__syscalls__sys_enter_accept4",
 }
 # Raw tracepoints: the program gets the tracepoint's arguments, no trace record is built.
@@ -87,9 +88,11 @@ def bpf_source() -> str:
     return resources.files(__package__).joinpath("accept_watch.c").read_text()
 
 
-def generate_program(layout: KernelLayout) -> str:
-    """The full BPF C text: generated #defines, then the shipped program."""
+def generate_program(layout: KernelLayout, with_kretprobe: bool = True) -> str:
+    """The full BPF C text: generated #defines, then the shipped program. with_kretprobe: compile
+    the kretprobe's program too (left out where no kprobe can be created: it would never run)."""
     values = defines.generated_defines(layout.define_values())
+    values["WITH_KRETPROBE"] = int(with_kretprobe)
     return defines.render(values) + "\n" + bpf_source()
 
 
@@ -221,13 +224,18 @@ class _TableReader:
 class AcceptProbes:
     """Compile, attach, read. Use as a context manager so probes are always detached."""
 
-    def __init__(self, layout: KernelLayout, emit_events: bool = False, inflight: bool = True) -> None:
+    def __init__(self, layout: KernelLayout, emit_events: bool = False, inflight: bool = True,
+                 kretprobe: bool | None = None) -> None:
         self.layout = layout
         self.emit_events = emit_events
         # Follow accepted connections to their close (in-flight, accept->close time): the one feature
         # that needs inet_sock_set_state, which fires ~10 times per connection machine-wide.
         self.inflight = inflight
-        self.program = generate_program(layout)
+        # The kretprobe's program: None = compiled unless this kernel certainly has no kprobes (the
+        # attempt would be skipped anyway); True = always (tests verifier-load it without attaching).
+        self.kprobes_missing = environment.kprobes_missing()
+        self.with_kretprobe = self.kprobes_missing is None if kretprobe is None else kretprobe
+        self.program = generate_program(layout, self.with_kretprobe)
         self._bpf: Any = None
         self.result: AttachResult | None = None
         self._readers: dict[bytes, _TableReader] = {}
@@ -333,8 +341,10 @@ class AcceptProbes:
             return None  # already attached above
         if kind is ProbeKind.FEXIT and self.layout.accept_proto == "unknown":
             return "inet_csk_accept is not in the kernel's BTF"
-        if kind is ProbeKind.KRETPROBE and (missing := environment.kprobes_missing()):
-            return missing  # certain to fail: skip the stash's attach and detach
+        if kind is ProbeKind.KRETPROBE and self.kprobes_missing:
+            return self.kprobes_missing  # certain to fail: skip the stash's attach and detach
+        if kind is ProbeKind.KRETPROBE and not self.with_kretprobe:
+            return "its program was not compiled (kretprobe=False)"
         # The kretprobe finds the listener only in sys_enter's stash: attach it first, so the
         # kretprobe's first accept already has it.
         stash = kind is ProbeKind.KRETPROBE and self.layout.listener_from_regs
@@ -376,9 +386,11 @@ class AcceptProbes:
         if kind is ProbeKind.FEXIT:
             self._bpf.load_func(self._fexit_fn(), bcc.BPF.TRACING)
         elif kind is ProbeKind.KRETPROBE:
+            if not self.with_kretprobe:
+                raise ProbeError("the kretprobe program was not compiled: AcceptProbes(kretprobe=True)")
             self._bpf.load_func(KRETPROBE_FN, bcc.BPF.KPROBE)
         else:
-            for fn in (*TRACEPOINT_FNS.values(), *ENTER_TRACEPOINT_FNS.values()):
+            for fn in {*TRACEPOINT_FNS.values(), *ENTER_TRACEPOINT_FNS.values()}:
                 self._bpf.load_func(fn, bcc.BPF.TRACEPOINT)
             for fn in RAW_TRACEPOINT_FNS.values():
                 self._bpf.load_func(fn, bcc.BPF.RAW_TRACEPOINT)
