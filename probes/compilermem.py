@@ -25,6 +25,8 @@ import ctypes
 
 MADV_DONTNEED = 4  # linux/mman.h
 MADV_PAGEOUT = 21  # linux/mman.h, 5.4+ (EINVAL before: nothing done)
+M_MMAP_THRESHOLD = -3  # malloc.h: mallopt's parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value
 # Libraries BCC links that only its compiler uses.
 COMPILER_LIBS = ("libLLVM", "libclang")
 
@@ -81,3 +83,15 @@ def release_compiler_memory() -> int:
             advice = MADV_DONTNEED if (start, length) in droppable else MADV_PAGEOUT
             advised += libc.madvise(start, length, advice) == 0
     return advised
+
+
+def fix_mmap_threshold() -> None:
+    """Before a compile: keep glibc's mmap threshold at its initial 128 KiB for the whole process.
+    By default it rises to the largest block freed (up to 32 MiB), so clang/LLVM's large, short-lived
+    blocks, and later the ring-buffer blocks and their NDJSON (MiBs each at full rate with --events),
+    would come from the heap, which stays fragmented and resident (malloc_trim cannot give back what
+    lies between live blocks). Mapped on their own, they go back at free. Measured in make bench's
+    nginx runs: VmRSS 81 -> 76 MB by default, 91-94 -> 85 MB with --events at full rate; launch time
+    unchanged. Best effort: nothing depends on it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)

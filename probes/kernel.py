@@ -23,7 +23,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from . import defines, environment
-from .compilermem import compiler_mappings, release_compiler_memory  # noqa: F401 - compiler_mappings: tests
+from .compilermem import (  # noqa: F401 - compiler_mappings: tests
+    compiler_mappings,
+    fix_mmap_threshold,
+    release_compiler_memory,
+)
 from .eventring import EventRing, decode_event  # noqa: F401 - decode_event: kept importable here
 
 if TYPE_CHECKING:
@@ -249,6 +253,7 @@ class AcceptProbes:
     def compile(self) -> float:
         """Compile the program (all hooks; nothing attached yet). Returns seconds taken."""
         started = time.monotonic()
+        fix_mmap_threshold()
         try:
             with _captured_stderr() as noise:
                 self._bpf = manual_attach_bpf(text=self.program.encode())
