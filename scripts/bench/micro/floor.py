@@ -23,6 +23,9 @@ from accept_watch.probes.offsets import load_layout
 
 
 def main() -> int:
+    # Launched from a shell's background job, SIGINT arrives ignored and Python would not install its
+    # handler: the bench's SIGINT would then never stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     bpf = manual_attach_bpf(src_file=str(Path(__file__).with_name("floor.c")).encode())
     # As accept-watch in tracepoint mode on this kernel: sys_enter only where the listening fd cannot
     # be read at syscall exit.
@@ -35,7 +38,8 @@ def main() -> int:
     raw = {} if "--no-inflight" in sys.argv[1:] else RAW_TRACEPOINT_FNS
     for tp, fn in raw.items():
         bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn)
-    print(f"floor: attached {len(tracepoints) + len(raw)} empty programs", file=sys.stderr, flush=True)
+    hooks = len(tracepoints) + len(raw)
+    print(f"floor: attached empty programs on {hooks} hooks", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         signal.pause()
     bpf.cleanup()
